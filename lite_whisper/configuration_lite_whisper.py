@@ -1,0 +1,1 @@
+../configuration_lite_whisper.py

@@ -1,0 +1,1 @@
+../modeling_lite_whisper.py

@@ -1,0 +1,1 @@
+"""MLX port of LiteWhisper (installed as lite_whisper.mlx_port)."""
