@@ -105,21 +105,33 @@ class LiteWhisperForConditionalGeneration(WhisperForConditionalGeneration):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        # Load with mismatches allowed so that we see which tensors disagree, then raise our own error naming the
+        # layers (transformers' own error only points at a log table).
+        model, info = super().from_pretrained(
+            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        mismatched = []
+        for entry in info.get("mismatched_keys", []) or []:
+            key, shapes = (entry[0], entry[1:]) if isinstance(entry, (tuple, list)) else (entry, ())
+            mismatched.append(f"{key} (checkpoint {tuple(shapes[0])} vs model {tuple(shapes[1])})" if len(shapes) == 2 else key)
         # transformers only warns about missing/unexpected keys and then initialises them randomly; for the
         # encoder projections that means a checkpoint whose tensors disagree with low_rank_config would run with
-        # random weights, so refuse it and name the layers.
-        bad = sorted(
+        # random weights, so refuse it.
+        absent = sorted(
             k for k in list(info.get("missing_keys", [])) + list(info.get("unexpected_keys", []))
             if ".encoder.layers." in k and any(f".{p}." in k for p in LOW_RANK_KEYS)
         )
-        if bad:
-            layers = sorted({int(k.split(".encoder.layers.")[1].split(".")[0]) for k in bad})
+        problems = absent + ([] if ignore_mismatched else sorted(mismatched))
+        if problems:
+            layers = sorted({int(k.split(".encoder.layers.")[1].split(".")[0]) for k in problems if ".encoder.layers." in k})
+            where = f"encoder layer(s) {', '.join(map(str, layers))}" if layers else "the model"
             raise ValueError(
-                "checkpoint tensors do not match low_rank_config for encoder layer(s) "
-                f"{', '.join(map(str, layers))}: missing or unexpected {', '.join(bad[:8])}"
-                + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-                + ". A low-rank projection needs weight1/weight2/bias, a full-rank one weight (and bias)."
+                f"checkpoint tensors do not match the config (low_rank_config) for {where}: "
+                + "; ".join(problems[:8])
+                + (f" and {len(problems) - 8} more" if len(problems) > 8 else "")
+                + ". A low-rank projection stores weight1 (in x rank), weight2 (rank x out) and bias; a full-rank one "
+                "stores weight (and bias)."
             )
         return (model, info) if want_info else model
 

