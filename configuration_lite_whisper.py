@@ -45,6 +45,56 @@ def projection_shape(config, key):
     raise ValueError(f"unknown projection {key!r}; expected one of {', '.join(LOW_RANK_KEYS)}")
 
 
+def validate_low_rank_config(low_rank_config, encoder_layers, d_model, encoder_ffn_dim):
+    """`low_rank_config` checked and normalised: one {key: int rank} dict per encoder layer (None -> all full rank).
+
+    Raises ValueError naming the layer and key for anything else. Shared by the MLX port, which reads config.json
+    without transformers' config classes.
+    """
+    if low_rank_config is None:
+        return [{} for _ in range(encoder_layers)]
+    if not isinstance(low_rank_config, (list, tuple)):
+        raise ValueError(
+            f"low_rank_config must be a list with one dict per encoder layer, got {type(low_rank_config).__name__}"
+        )
+    if len(low_rank_config) != encoder_layers:
+        raise ValueError(
+            f"low_rank_config has {len(low_rank_config)} entries but the encoder has {encoder_layers} layers "
+            "(encoder_layers); give one dict per layer ({} for a layer kept full rank)"
+        )
+    dims = {"d_model": d_model, "encoder_ffn_dim": encoder_ffn_dim}
+    dims = type("Dims", (), dims)
+    validated = []
+    for i, ranks in enumerate(low_rank_config):
+        if ranks is None:
+            ranks = {}
+        if not isinstance(ranks, dict):
+            raise ValueError(f"low_rank_config[{i}] (encoder layer {i}) must be a dict, got {type(ranks).__name__}")
+        layer = {}
+        for key, rank in ranks.items():
+            if key not in LOW_RANK_KEYS:
+                raise ValueError(
+                    f"low_rank_config[{i}] (encoder layer {i}) has unknown key {key!r}; "
+                    f"expected any of {', '.join(LOW_RANK_KEYS)}"
+                )
+            if isinstance(rank, float) and rank.is_integer():
+                rank = int(rank)
+            if isinstance(rank, bool) or not isinstance(rank, int):
+                raise ValueError(
+                    f"low_rank_config[{i}][{key!r}] (encoder layer {i}) must be an integer rank, got {rank!r}"
+                )
+            in_features, out_features = projection_shape(dims, key)
+            if not 0 < rank <= min(in_features, out_features):
+                raise ValueError(
+                    f"low_rank_config[{i}][{key!r}] (encoder layer {i}) is {rank}, but a rank must satisfy "
+                    f"0 < rank <= min(in, out) = {min(in_features, out_features)} for a {in_features}x{out_features} "
+                    "projection"
+                )
+            layer[key] = rank
+        validated.append(dict(sorted(layer.items())))
+    return validated
+
+
 class LiteWhisperConfig(WhisperConfig):
     r"""
     Configuration of a Whisper model whose encoder projections may be low-rank.
@@ -79,48 +129,7 @@ class LiteWhisperConfig(WhisperConfig):
         self.low_rank_config = self._validated_low_rank_config(low_rank_config)
 
     def _validated_low_rank_config(self, low_rank_config):
-        n_layers = self.encoder_layers
-        if low_rank_config is None:
-            return [{} for _ in range(n_layers)]
-        if not isinstance(low_rank_config, (list, tuple)):
-            raise ValueError(
-                f"low_rank_config must be a list with one dict per encoder layer, got {type(low_rank_config).__name__}"
-            )
-        if len(low_rank_config) != n_layers:
-            raise ValueError(
-                f"low_rank_config has {len(low_rank_config)} entries but the encoder has {n_layers} layers "
-                "(encoder_layers); give one dict per layer ({} for a layer kept full rank)"
-            )
-        validated = []
-        for i, ranks in enumerate(low_rank_config):
-            if ranks is None:
-                ranks = {}
-            if not isinstance(ranks, dict):
-                raise ValueError(f"low_rank_config[{i}] (encoder layer {i}) must be a dict, got {type(ranks).__name__}")
-            layer = {}
-            for key, rank in ranks.items():
-                if key not in LOW_RANK_KEYS:
-                    raise ValueError(
-                        f"low_rank_config[{i}] (encoder layer {i}) has unknown key {key!r}; "
-                        f"expected any of {', '.join(LOW_RANK_KEYS)}"
-                    )
-                if isinstance(rank, bool) or not isinstance(rank, int):
-                    if isinstance(rank, float) and rank.is_integer():
-                        rank = int(rank)
-                    else:
-                        raise ValueError(
-                            f"low_rank_config[{i}][{key!r}] (encoder layer {i}) must be an integer rank, got {rank!r}"
-                        )
-                in_features, out_features = projection_shape(self, key)
-                if not 0 < rank <= min(in_features, out_features):
-                    raise ValueError(
-                        f"low_rank_config[{i}][{key!r}] (encoder layer {i}) is {rank}, but a rank must satisfy "
-                        f"0 < rank <= min(in, out) = {min(in_features, out_features)} for a {in_features}x{out_features} "
-                        "projection"
-                    )
-                layer[key] = rank
-            validated.append(dict(sorted(layer.items())))
-        return validated
+        return validate_low_rank_config(low_rank_config, self.encoder_layers, self.d_model, self.encoder_ffn_dim)
 
     @property
     def is_low_rank(self):
@@ -145,4 +154,4 @@ class LiteWhisperConfig(WhisperConfig):
         return self._with_hub_fields(super().to_diff_dict())
 
 
-__all__ = ["LiteWhisperConfig", "LOW_RANK_KEYS", "projection_shape"]
+__all__ = ["LiteWhisperConfig", "LOW_RANK_KEYS", "projection_shape", "validate_low_rank_config"]

@@ -20,6 +20,9 @@ from .modeling_lite_whisper import (
 )
 from .factorize import build_lite_whisper, factors_from_svd
 from .registration import register
+from .compress import CalibrationError, CompressionResult, CompressionSettings, compress
+from .convert import ConversionError, convert
+from .evaluate import evaluate
 
 __version__ = "0.1.0"
 
@@ -31,6 +34,13 @@ __all__ = [
     "LiteWhisperForConditionalGeneration",
     "LiteWhisperSpeechRecognitionPipeline",
     "LowRankLinear",
+    "CalibrationError",
+    "CompressionResult",
+    "CompressionSettings",
+    "ConversionError",
+    "compress",
+    "convert",
+    "evaluate",
     "build_lite_whisper",
     "encoder_parameter_report",
     "factors_from_svd",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lite_whisper.configuration_lite_whisper import LOW_RANK_KEYS, validate_low_rank_config
+from lite_whisper.configuration_lite_whisper import projection_shape as _projection_shape
 from lite_whisper.utils import get_logger
 
 from .backend import import_mlx
@@ -23,7 +25,6 @@ mx, nn = import_mlx()
 from mlx_whisper import whisper as mlx_whisper_model  # noqa: E402  (after import_mlx: BLAS first, clear errors)
 
 SUPPORTED_MODEL_TYPES = ("whisper", "lite-whisper")
-LOW_RANK_KEYS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 # HF projection name -> (attribute path inside an mlx-whisper ResidualAttentionBlock).
 _ATTENTION_NAMES = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "out_proj": "out"}
@@ -78,14 +79,9 @@ class LowRankLinear(nn.Module):
 
 def projection_shape(config, key):
     """(in_features, out_features) of an encoder projection for a config dict."""
-    d_model, ffn = config["d_model"], config.get("encoder_ffn_dim", 4 * config["d_model"])
-    if key in _ATTENTION_NAMES:
-        return d_model, d_model
-    if key == "fc1":
-        return d_model, ffn
-    if key == "fc2":
-        return ffn, d_model
-    raise ValueError(f"unknown projection {key!r}; expected one of {', '.join(LOW_RANK_KEYS)}")
+    dims = type("Dims", (), {"d_model": config["d_model"],
+                             "encoder_ffn_dim": config.get("encoder_ffn_dim", 4 * config["d_model"])})
+    return _projection_shape(dims, key)
 
 
 def encoder_projection(model, layer, key):
@@ -182,34 +178,8 @@ def dims_from_config(config):
 
 def parse_low_rank_config(config):
     """Validated `low_rank_config` of a config dict: a list of {key: rank}, one per encoder layer."""
-    n_layers = config["encoder_layers"]
     raw = config.get("low_rank_config") if config.get("model_type") == "lite-whisper" else None
-    if raw is None:
-        return [{} for _ in range(n_layers)]
-    if not isinstance(raw, list) or len(raw) != n_layers:
-        got = len(raw) if isinstance(raw, list) else type(raw).__name__
-        raise ValueError(
-            f"low_rank_config must be a list with one dict per encoder layer ({n_layers}), got {got}"
-        )
-    parsed = []
-    for layer, ranks in enumerate(raw):
-        ranks = ranks or {}
-        if not isinstance(ranks, dict):
-            raise ValueError(f"low_rank_config[{layer}] (encoder layer {layer}) must be a dict, got {ranks!r}")
-        layer_ranks = {}
-        for key, rank in ranks.items():
-            if key not in LOW_RANK_KEYS:
-                raise ValueError(
-                    f"low_rank_config[{layer}] (encoder layer {layer}) has unknown key {key!r}; "
-                    f"expected any of {', '.join(LOW_RANK_KEYS)}"
-                )
-            if isinstance(rank, float) and rank.is_integer():
-                rank = int(rank)
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-                raise ValueError(f"low_rank_config[{layer}][{key!r}] (encoder layer {layer}) is not a rank: {rank!r}")
-            layer_ranks[key] = rank
-        parsed.append(layer_ranks)
-    return parsed
+    return validate_low_rank_config(raw, config["encoder_layers"], config["d_model"], config["encoder_ffn_dim"])
 
 
 # --- locating and reading a checkpoint ----------------------------------------------------------------------------

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 
@@ -67,9 +66,11 @@ REMOTE_SCRIPT = textwrap.dedent(
     model = AutoModelForSpeechSeq2Seq.from_pretrained(folder, trust_remote_code=True)
     asr = pipeline("automatic-speech-recognition", model=folder, trust_remote_code=True)
     long_audio = sf.read(long_path, dtype="float32")[0]
-    long_out = asr(long_audio, return_timestamps=True, generate_kwargs={"language": "en", "task": "transcribe"})
+    long_out = asr(long_audio, return_timestamps=True,
+                   generate_kwargs={"language": "en", "task": "transcribe", "num_beams": 1})
     shorts = [sf.read(p, dtype="float32")[0] for p in short_paths]
-    batch_out = asr(shorts, batch_size=len(shorts), generate_kwargs={"language": "en"})
+    batch_out = asr(shorts, batch_size=len(shorts), generate_kwargs={"language": "en", "num_beams": 1,
+                                                                     "max_new_tokens": 96})
     print(json.dumps({
         "model_module": type(model).__module__,
         "pipeline_class": type(asr).__name__,
@@ -117,33 +118,37 @@ def test_pipeline_after_import_without_trust_remote_code(lite_folder, dev_rows):
     assert asr.type == "seq2seq_whisper"
     assert type(asr.model).__module__.startswith("lite_whisper")
     rows = short_clips(dev_rows, 3)
-    outputs = asr([load(r) for r in rows], batch_size=3, return_timestamps=True, generate_kwargs={"language": "en"})
+    outputs = asr([load(r) for r in rows], batch_size=3, return_timestamps=True,
+                  generate_kwargs={"language": "en", "num_beams": 1, "max_new_tokens": 96})
     assert all(o["chunks"] and o["chunks"][0]["timestamp"][0] == 0.0 for o in outputs)
     assert wer_scores([r["text"] for r in rows], [o["text"] for o in outputs])["wer"] < 40
 
 
-def test_other_models_run_as_before(whisper_base_dir):
+def test_other_models_run_as_before(whisper_base_dir, dev_rows):
     import lite_whisper  # noqa: F401
     from transformers import pipeline
     from transformers.pipelines.automatic_speech_recognition import AutomaticSpeechRecognitionPipeline
 
     asr = pipeline("automatic-speech-recognition", model=str(whisper_base_dir))
     assert isinstance(asr, AutomaticSpeechRecognitionPipeline) and asr.type == "seq2seq_whisper"
-    silence = np.zeros(16000, dtype=np.float32)
-    assert isinstance(asr(silence)["text"], str)
+    row = short_clips(dev_rows, 1)[0]
+    text = asr(load(row), generate_kwargs={"language": "en", "num_beams": 1, "max_new_tokens": 96})["text"]
+    assert wer_scores([row["text"]], [text])["wer"] < 30
 
 
 @pytest.mark.slow
 def test_uncompressed_whisper_base_dev_wer(whisper_model, processor, dev_rows):
-    """Baseline WER of the real model on every dev short clip (normalised), under the bound measured for it."""
+    """Baseline WER of the real model on the scoring half of the dev short clips (odd manifest positions, the half
+    every compression result in the README is scored on), normalised, under the bound measured for it."""
     from conftest import greedy_transcripts
 
-    rows = short_clips(dev_rows)
+    rows = [r for r in dev_rows if not r.get("long_form")][1::2]
     texts = greedy_transcripts(whisper_model, processor, [load(r) for r in rows], batch_size=16)
     scores = wer_scores([r["text"] for r in rows], texts)
-    # Measured: see README ("Baseline"); the bound leaves room for thread-count rounding only.
-    assert scores["utterances"] == len(rows) >= 200
+    assert scores["utterances"] == len(rows) == 108
     assert scores["wer"] < BASELINE_WER_BOUND, scores
 
 
-BASELINE_WER_BOUND = 100.0
+# Measured 29.13 corpus WER on these 108 clips (greedy, at most 128 new tokens; torch 2.13 CPU and an H200 agree);
+# all 216 short clips give 26.69 (README, "Measurements").
+BASELINE_WER_BOUND = 30.5
