@@ -16,7 +16,7 @@ import shutil
 
 import torch
 from torch import nn
-from transformers import WhisperForConditionalGeneration
+from transformers import AutoFeatureExtractor, AutoTokenizer, WhisperForConditionalGeneration
 from transformers.pipelines.automatic_speech_recognition import AutomaticSpeechRecognitionPipeline
 from transformers.utils import logging
 
@@ -236,6 +236,14 @@ class LiteWhisperSpeechRecognitionPipeline(AutomaticSpeechRecognitionPipeline):
     """
 
     def __init__(self, model, *args, **kwargs):
+        if _is_lite_whisper(model) and not args:
+            # transformers 4.x's pipeline() loads no tokenizer/feature extractor for a custom pipeline whose config
+            # class it does not know; take them from the model's folder as 5.x does.
+            source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+            if source and kwargs.get("feature_extractor") is None:
+                kwargs["feature_extractor"] = AutoFeatureExtractor.from_pretrained(source)
+            if source and kwargs.get("tokenizer") is None:
+                kwargs["tokenizer"] = AutoTokenizer.from_pretrained(source)
         super().__init__(model, *args, **kwargs)
         if _is_lite_whisper(self.model):
             self.type = "seq2seq_whisper"
