@@ -3,7 +3,6 @@
 import copy
 
 import torch
-from torch import nn
 
 from .configuration_lite_whisper import LOW_RANK_KEYS, LiteWhisperConfig, projection_shape
 from .modeling_lite_whisper import LiteWhisperForConditionalGeneration, LowRankLinear, encoder_projection

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -264,18 +263,6 @@ def write_slow_tokenizer_files(folder, tokenizer_json):
     if not (folder / "merges.txt").exists():
         merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-
-
-def write_legacy_processor_files(folder, feature_extractor):
-    """Make processor files readable by transformers 4.x too.
-
-    transformers 5 folds the feature extractor into `processor_config.json`; 4.x looks for
-    `preprocessor_config.json` and fails without it.
-    """
-    folder = Path(folder)
-    legacy = folder / "preprocessor_config.json"
-    if not legacy.exists():
-        feature_extractor.to_json_file(str(legacy))
 
 
 def default_cache_dir():
