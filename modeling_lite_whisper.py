@@ -79,8 +79,17 @@ def _kernels_module():
     return kernels
 
 
+def _fast_generation_module():
+    try:
+        from lite_whisper import fast_generation
+    except ImportError:  # remote code without the package: the eager loop
+        return None
+    return fast_generation
+
+
 class LiteWhisperForConditionalGeneration(WhisperForConditionalGeneration):
     config_class = LiteWhisperConfig
+    _lw_fast_generation_builtin = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -155,6 +164,35 @@ class LiteWhisperForConditionalGeneration(WhisperForConditionalGeneration):
         return super()._prepare_decoder_input_ids_for_generation(
             batch_size, model_input_name, model_kwargs, *args, **kwargs
         )
+
+    # --- fast generation (CUDA, optional): static KV cache + CUDA graphs, see lite_whisper.fast_generation --------
+
+    def generate(self, *args, **kwargs):
+        fast = _fast_generation_module()
+        if fast is None:
+            return super().generate(*args, **kwargs)
+        with fast.generation_context(self):
+            return super().generate(*args, **kwargs)
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        fast = _fast_generation_module()
+        if fast is not None:
+            result = fast.sample(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                 synced_gpus, streamer, **model_kwargs)
+            if result is not NotImplemented:
+                return result
+        return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                               synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+
+    def set_fast_generation(self, enabled):
+        """Turn the CUDA fast greedy decoding path on or off (on by default; used only on CUDA when installed)."""
+        fast = _fast_generation_module()
+        if fast is None:
+            if enabled:
+                logger.warning("lite_whisper is not installed; generate() uses the eager loop")
+            return
+        fast.set_fast_generation(self, enabled)
 
     # --- Triton kernels (CUDA, optional) -------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from .modeling_lite_whisper import (
     encoder_parameter_report,
 )
 from .factorize import build_lite_whisper, factors_from_svd
+from .fast_generation import enable_fast_generation
 from .registration import register
 from .compress import CalibrationError, CompressionResult, CompressionSettings, compress
 from .convert import ConversionError, convert
@@ -43,6 +44,7 @@ __all__ = [
     "evaluate",
     "build_lite_whisper",
     "encoder_parameter_report",
+    "enable_fast_generation",
     "factors_from_svd",
     "register",
 ]
