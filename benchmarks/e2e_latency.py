@@ -175,13 +175,13 @@ def bench(args):
                 encoder = {"original_eager": encoder_time(original, features, False),
                            "original_fast": encoder_time(original, features, True),
                            "lite_fast": encoder_time(lite, features, True)}
-                encoder["original_fast_nocompile"] = encoder["original_fast"]
-                encoder["lite_fast_nocompile"] = encoder["lite_fast"]
+                encoder["original_fast_compiled"] = encoder["original_fast"]
+                encoder["lite_fast_compiled"] = encoder["lite_fast"]
                 for tokens in args.tokens:
                     compiles = {"on": [True], "off": [False], "both": [False, True]}[args.compile]
                     variants = []
                     for compiled in compiles:
-                        suffix = "" if compiled or args.compile == "off" else "_nocompile"
+                        suffix = "_compiled" if compiled and args.compile == "both" else ""
                         variants += [("original_fast" + suffix, original, True, compiled),
                                      ("lite_fast" + suffix, lite, True, compiled)]
                     if tokens in args.eager_tokens:
@@ -237,7 +237,8 @@ def summarise(results):
                 entry["floor_us"] = floors[(shape, batch)]
                 entry["step_over_floor"] = step * 1e6 / floors[(shape, batch)]
         eager = index.get((shape, dtype, batch, tokens, "original_eager"))
-        orig_fast = index.get((shape, dtype, batch, tokens, "original_fast"))
+        like = "original_fast" + ("_compiled" if variant.endswith("_compiled") else "")
+        orig_fast = index.get((shape, dtype, batch, tokens, like))
         if eager:
             entry["vs_original_eager"] = eager["seconds"] / row["seconds"]
         if orig_fast:
@@ -484,8 +485,8 @@ def main(argv=None):
     p.add_argument("--eager-tokens", nargs="+", type=int, default=[96], help="token counts that also time eager")
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--compile", choices=["on", "off", "both"], default="on",
-                   help="torch.compile the decoder step inside the graph (variants get a _nocompile suffix for off)")
+    p.add_argument("--compile", choices=["on", "off", "both"], default="off",
+                   help="torch.compile the decoder layer inside the graph (with 'both', a _compiled suffix)")
     p.add_argument("--out", default="benchmarks/results/cuda")
     p = sub.add_parser("prepare", help="carry whisper-base and dev audio to the device (CPU)")
     p.add_argument("--parts", type=int, default=3)

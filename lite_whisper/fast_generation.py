@@ -102,17 +102,23 @@ class FastGenerationMixin:
         set_fast_generation(self, enabled)
 
 
-def enable_fast_generation(model, enabled=True):
+def enable_fast_generation(model, enabled=True, compile=False):
     """Give a (plain or Lite) Whisper model the fast CUDA generation path; returns the model.
 
     A plain `WhisperForConditionalGeneration` instance gets a subclass with `FastGenerationMixin` (its weights,
     config and behaviour elsewhere are untouched); LiteWhisper models have the path built in.
+
+    `compile=True` also runs the decoder layer through torch.compile inside the graph: about 10-15 % faster steps
+    on an H100, for 10-20 s of compilation in the first generate() call of the process (and a few seconds for each
+    new batch or length bucket), so it pays off for long-running services, not for a few files.
+    (`LITE_WHISPER_COMPILE_DECODER=1` switches it on for every model.)
     """
     if not getattr(model, "_lw_fast_generation_builtin", False) and not isinstance(model, FastGenerationMixin):
         cls = type(model)
         if cls not in _fast_classes:
             _fast_classes[cls] = type(cls.__name__, (FastGenerationMixin, cls), {"__module__": cls.__module__})
         model.__class__ = _fast_classes[cls]
+    model._lw_fast_compile = bool(compile)
     set_fast_generation(model, enabled)
     return model
 
@@ -514,7 +520,7 @@ def _compile_wanted(model):
     flag = os.environ.get("LITE_WHISPER_COMPILE_DECODER")
     if flag is not None:
         return flag.strip().lower() not in ("0", "false", "no", "off", "")
-    return getattr(model, "_lw_fast_compile", True)
+    return getattr(model, "_lw_fast_compile", False)
 
 
 def _compiled_layer_step():
