@@ -47,7 +47,9 @@ logger = logging.get_logger(__name__)
 LENGTH_BUCKETS = (32, 64, 128, 256)
 # Batches are padded up to these sizes so that long-form decoding (whose batch shrinks as clips finish) reuses graphs.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
-MAX_DECODER_STATES = 4  # static decoder buffers kept per model (one per batch bucket), least recently used dropped
+# Static decoder buffers kept per model (one per batch bucket, least recently used dropped). Each holds the cross
+# keys/values of its rows (large-v3 at 32 rows: ~10 GB), so only two are kept.
+MAX_DECODER_STATES = 2
 MAX_ENCODER_GRAPHS = 4
 # How many steps the host may run ahead of the GPU before it looks at the "all finished" flag (no sync per step).
 STOP_CHECK_LAG = 2
@@ -814,7 +816,9 @@ def install_encoder_graph(model):
         )
         if not usable:
             return eager(input_features, *args, **kwargs)
-        key = (tuple(input_features.shape), input_features.dtype)
+        # A graph holds the addresses of the weights it read: moving or recasting the model must recapture.
+        weights = next(encoder.parameters()).data_ptr()
+        key = (tuple(input_features.shape), input_features.dtype, weights)
         entry = graphs.get(key)
         if entry is None:
             while len(graphs) >= MAX_ENCODER_GRAPHS:
