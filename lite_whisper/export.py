@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .convert import PROCESSOR_FILES, ConversionError
-from .utils import atomic_output_dir, get_logger
+from .utils import OUTPUT_MARKER, atomic_output_dir, get_logger
 
 logger = get_logger(__name__)
 
@@ -299,6 +299,8 @@ def write_checkpoint(result, output_dir, base_folder, processor_folder, info, ov
     base_metadata = read_card_metadata(base_folder)
     license_name, license_source = choose_license(info.get("license"), base_metadata, info.get("base_model_name"))
     clock = time.perf_counter()
+    # Absolute before anything is written (a relative path must not depend on the folder state afterwards).
+    output_dir = Path(output_dir).expanduser().absolute()
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         model = result.model.to(dtype=dtype)
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -335,7 +337,7 @@ def write_checkpoint(result, output_dir, base_folder, processor_folder, info, ov
         (tmp / "README.md").write_text(model_card(report, title=Path(output_dir).name), encoding="utf-8")
         verify_folder(tmp)
         _make_readable(tmp)
-    return Path(output_dir).expanduser().absolute()
+    return output_dir
 
 
 def _make_readable(folder):
@@ -393,6 +395,7 @@ def push_folder(folder, repo_id, private=False, revision=None, token=None, commi
         repo_type="model",
         revision=revision,
         commit_message=commit_message or "Upload LiteWhisper checkpoint (lite-whisper-convert)",
+        ignore_patterns=[OUTPUT_MARKER],  # our local bookkeeping (which files --overwrite may replace)
     )
     url = getattr(commit, "commit_url", None) or str(repo)
     return url
