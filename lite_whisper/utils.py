@@ -39,6 +39,26 @@ def install_command(extras):
     return f'python -m pip install -e ".[{extras}]" (run in a clone of the lite-whisper repository; it is not on PyPI)'
 
 
+def missing_local_path(name):
+    """A one-line error when `name` (a model given as folder or Hub id) can only mean a local path and nothing is
+    there, e.g. "./whisper-bsae" or "/abs/missing/whisper-base"; None when it exists or may be a Hub repo id."""
+    text = str(name)
+    if Path(text).expanduser().exists():
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        pass
+    else:
+        if not text.startswith((".", "~")):
+            return None
+    parent = Path(text).expanduser().absolute().parent
+    where = "" if parent.is_dir() else f" (nor does its parent folder {parent})"
+    return f"model folder {text} does not exist{where}, and it is not a Hub repo id"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Output folders
 # --------------------------------------------------------------------------------------------------------------
