@@ -27,6 +27,18 @@ DTYPE_CHOICES = ("float16", "bfloat16", "float32")
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (not the one at set-up: tests and callers may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(verbose=False):
     from transformers.utils import logging as hf_logging
 
@@ -34,7 +46,7 @@ def _setup_logging(verbose=False):
     # terminal. Keep transformers itself at warnings (no weight-loading bars or config dumps) unless -v.
     log = logging.getLogger("lite_whisper")
     if not any(getattr(h, "_lite_whisper", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._lite_whisper = True
         log.addHandler(handler)
