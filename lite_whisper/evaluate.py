@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE, list_audio, load_audio
-from .utils import get_logger
+from .utils import get_logger, install_command
 
 logger = get_logger(__name__)
 
 LONG_FORM_S = 30.0
-EVAL_HINT = 'pip install "lite-whisper[eval]"'
+EVAL_HINT = install_command("eval")
 
 
 class EvaluationError(ValueError):

