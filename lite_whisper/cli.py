@@ -12,6 +12,7 @@ Ctrl-C exits with 130 and says what, if anything, was written (output folders ar
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -333,6 +334,7 @@ def _user_errors():
 def _run(function, args):
     """Run a torch subcommand: logging, the model classes registered with transformers, user errors as one line."""
     args.written = []  # what the command has completely written, for the Ctrl-C message
+    started = time.time()
     try:
         _setup_logging(getattr(args, "verbose", False))
         from .registration import register
@@ -340,6 +342,9 @@ def _run(function, args):
         register()
         return function(args)
     except KeyboardInterrupt:
+        output_dir = getattr(args, "output_dir", None)
+        if not args.written and output_dir and _written_since(output_dir, started):
+            args.written.append(str(Path(output_dir).expanduser().absolute()))  # e.g. interrupted while pushing
         if args.written:
             print(f"interrupted; {', '.join(args.written)} had been written completely before that and"
                   " was kept; nothing else was written", file=sys.stderr)
@@ -351,6 +356,16 @@ def _run(function, args):
             logger.exception("failed")
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _written_since(folder, started):
+    from .utils import OUTPUT_MARKER
+
+    marker = Path(folder).expanduser() / OUTPUT_MARKER
+    try:
+        return marker.stat().st_mtime >= started - 1
+    except OSError:
+        return False
 
 
 def _parse(parser, argv):

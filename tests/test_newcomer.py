@@ -197,6 +197,16 @@ def test_interrupt_message_says_what_was_written(tmp_path, capsys):
     assert f"{tmp_path / 'demo'} had been written completely" in err and "nothing was written" not in err
     assert _run(interrupted, argparse.Namespace(verbose=False)) == 130
     assert "interrupted; nothing was written" in capsys.readouterr().err
+    # interrupted after the folder was swapped in (e.g. while pushing it to the Hub): it says so
+    from lite_whisper.utils import atomic_output_dir
+
+    def pushed_then_interrupted(args):
+        with atomic_output_dir(args.output_dir) as tmp:
+            (tmp / "model.safetensors").write_text("weights")
+        raise KeyboardInterrupt
+
+    assert _run(pushed_then_interrupted, argparse.Namespace(verbose=False, output_dir=str(tmp_path / "out"))) == 130
+    assert f"{tmp_path / 'out'} had been written completely" in capsys.readouterr().err
 
 
 # --- 10: MLX without OpenBLAS says so once, without -v -------------------------------------------------------------
