@@ -115,11 +115,39 @@ class LiteWhisperForConditionalGeneration(WhisperForConditionalGeneration):
     def from_pretrained(cls, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        # float32 on CPU unless a dtype is asked for: checkpoints are saved in float16, which on CPU is slower and
+        # less accurate. "auto" (pipeline()'s default in transformers 5) counts as not asking; an explicit
+        # torch.float16 is honoured.
+        def loads_on_cpu(device_map):
+            if device_map is None:
+                return True
+            if isinstance(device_map, dict):
+                return all(str(v) in ("cpu", "disk") for v in device_map.values())
+            if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+                return not torch.cuda.is_available()
+            try:
+                return torch.device(device_map).type == "cpu"
+            except (RuntimeError, TypeError):
+                return False
+
+        dtype_key = "torch_dtype" if "torch_dtype" in kwargs else "dtype"
+        if kwargs.get(dtype_key) in (None, "auto") and loads_on_cpu(kwargs.get("device_map")):
+            import transformers
+
+            kwargs.pop(dtype_key, None)
+            kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = torch.float32
         # Load with mismatches allowed so that we see which tensors disagree, then raise our own error naming the
         # layers (transformers' own error only points at a log table).
-        model, info = super().from_pretrained(
-            *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-        )
+        try:
+            model, info = super().from_pretrained(
+                *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            where = os.path.join(source, "model.safetensors") if os.path.isdir(str(source)) else f"model.safetensors of {source}"
+            raise OSError(f"{where} is incomplete or corrupt ({error}); download it again") from None
         mismatched = []
         for entry in info.get("mismatched_keys", []) or []:
             key, shapes = (entry[0], entry[1:]) if isinstance(entry, (tuple, list)) else (entry, ())

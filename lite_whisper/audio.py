@@ -20,18 +20,30 @@ class AudioError(ValueError):
 def load_audio(path, sampling_rate=SAMPLE_RATE):
     """Decode a file to mono float32 at `sampling_rate` (soundfile first, librosa/audioread for other formats)."""
     path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
     try:
         import soundfile as sf
 
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
         data = data.mean(axis=1)
     except Exception as sf_error:
+        # Formats libsndfile does not read (mp3 on old versions, m4a, ...) go through librosa/audioread. Its
+        # fallback warnings ("PySoundFile failed. Trying audioread instead.", deprecations) are noise here: the
+        # error below says what happened.
+        import warnings
+
         try:
             import librosa
 
-            data, rate = librosa.load(str(path), sr=None, mono=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data, rate = librosa.load(str(path), sr=None, mono=True)
         except Exception as error:
-            raise AudioError(f"cannot decode {path}: {error or sf_error}") from error
+            reason = " ".join(str(sf_error).split()) or type(sf_error).__name__
+            fallback = " ".join(str(error).split()) or type(error).__name__
+            raise AudioError(f"cannot decode {path}: not a readable audio file (soundfile: {reason};"
+                             f" audioread: {fallback})") from None
     if rate != sampling_rate:
         import librosa
 

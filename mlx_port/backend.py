@@ -16,14 +16,11 @@ import ctypes.util
 import os
 import sys
 
-from lite_whisper.utils import get_logger
+from lite_whisper.utils import get_logger, install_command
 
 logger = get_logger(__name__)
 
-MLX_INSTALL_HINT = (
-    'the MLX port needs the "mlx" extra: pip install "lite-whisper[mlx]" (on Linux also pip install "mlx[cpu]", '
-    "which provides MLX's CPU backend)"
-)
+MLX_INSTALL_HINT = f'the MLX port needs the "mlx" extra (MLX, and mlx[cpu] on Linux): {install_command("mlx")}'
 
 # Environment variable choosing the BLAS that MLX's CPU backend uses on Linux: "auto" (default: a system OpenBLAS
 # if one is installed, e.g. Debian's libopenblas0-pthread), "off" (keep the wheel's reference BLAS), or a path.
@@ -70,9 +67,11 @@ def preload_blas():
         return None
     path = _find_openblas() if choice.lower() == "auto" else choice
     if not path:
-        logger.info(
-            "MLX's Linux CPU backend ships a slow reference BLAS; install OpenBLAS (e.g. apt-get install "
-            "libopenblas0-pthread) for about 20x faster CPU inference"
+        # A warning, not info: without OpenBLAS a few seconds of audio take minutes, and the fix is one command.
+        logger.warning(
+            "MLX on this Linux CPU uses the slow reference BLAS of its wheel (no OpenBLAS found): expect about 20x "
+            "slower inference. Install OpenBLAS (sudo apt-get install libopenblas0-pthread on Debian/Ubuntu) or point "
+            f"{BLAS_ENV} at a libopenblas.so; {BLAS_ENV}=off silences this"
         )
         return None
     try:

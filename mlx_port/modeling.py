@@ -144,8 +144,10 @@ class LiteWhisperMLX(mlx_whisper_model.Whisper):
         return self.decoder.token_embedding.weight.dtype
 
     def encoder_parameter_count(self):
-        """Number of encoder parameters (positions excluded: mlx-whisper keeps them as a constant)."""
-        return sum(v.size for _, v in _flatten(self.encoder.parameters()))
+        """Number of encoder parameters, counted as PyTorch's `encoder_parameter_report` and the compression report
+        count them: the positional-embedding table included (mlx-whisper keeps it as a constant, not a parameter)."""
+        positions = getattr(self.encoder, "_positional_embedding", None)
+        return sum(v.size for _, v in _flatten(self.encoder.parameters())) + (positions.size if positions is not None else 0)
 
 
 def _flatten(tree, prefix=""):
@@ -243,7 +245,10 @@ def weight_files(folder):
 def read_weights(folder):
     weights = {}
     for file in weight_files(folder):
-        weights.update(mx.load(str(file)))
+        try:
+            weights.update(mx.load(str(file)))
+        except (RuntimeError, ValueError, OSError) as error:
+            raise OSError(f"{file} is incomplete or corrupt ({' '.join(str(error).split())}); download it again") from None
     # Some exports prefix everything with "model." twice or not at all; HF Whisper names start with "model.".
     if weights and not any(name.startswith("model.") for name in weights):
         weights = {f"model.{name}" if not name.startswith("proj_out.") else name: value for name, value in weights.items()}

@@ -102,8 +102,10 @@ def test_base_model_that_is_already_lite_whisper(tmp_path):
 
 def test_cli_reports_errors(tmp_path, whisper_base_dir, capsys):
     output = tmp_path / "out"
-    code = convert_main(["--base-model", str(whisper_base_dir), "--output-dir", str(output), "--rank-threshold", "2"])
-    assert code == 2
+    # a bad option value is an argument error (argparse: usage + one error line, exit status 2), before any work
+    with pytest.raises(SystemExit) as info:
+        convert_main(["--base-model", str(whisper_base_dir), "--output-dir", str(output), "--rank-threshold", "2"])
+    assert info.value.code == 2
     assert "rank threshold must be in (0, 1]" in capsys.readouterr().err
     _nothing_written(output)
 
@@ -295,3 +297,28 @@ def _transformers_major():
     import transformers
 
     return int(transformers.__version__.split(".")[0])
+
+
+@pytest.mark.slow
+def test_model_card_usage_needs_no_ffmpeg_and_says_what_it_measured(converted):
+    card = (converted / "README.md").read_text()
+    usage = card.split("## Usage", 1)[1].split("## Ranks", 1)[0]
+    # numpy input read with soundfile (a file name would need ffmpeg), and an install line that works
+    assert 'sf.read("audio.flac", dtype="float32")' in usage and '{"raw": audio, "sampling_rate": rate}' in usage
+    assert 'asr("audio.flac"' not in usage and "no ffmpeg is needed" in usage
+    assert "pip install torch transformers soundfile" in usage and "pip install lite-whisper" not in card
+    # the calibration line reads as a sentence, and the card says what its numbers were measured on
+    assert "bundled: bundled" not in card
+    assert "calibration on 6 clips (" in card and "s of audio) from the calibration set bundled with lite-whisper" in card
+    assert "What the numbers on this card are" in card and "No accuracy (WER) was measured" in card
+    # the usage snippet runs as written (soundfile + pipeline, remote code), on a bundled clip
+    clip = sorted(bundled_clips_dir().glob("*.flac"))[0]
+    code = usage.split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace('"audio.flac"', repr(str(clip))).replace("path/to/this/folder", str(converted))
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "card-usage", "exec"), {})
+    assert len(out.getvalue().split()) >= 3, out.getvalue()
