@@ -1,4 +1,4 @@
-"""Console commands: `lite-whisper {convert,eval,demo}`, `lite-whisper-convert`, `lite-whisper-eval`.
+"""Console commands: `lite-whisper {convert,eval,demo,transcribe}`, `lite-whisper-convert`, `lite-whisper-eval`.
 
 Errors the user can fix (bad option, wrong model, missing extra, no audio) print one line and exit with status 2;
 Ctrl-C exits with 130 and, thanks to the atomic output folder, leaves nothing behind.
@@ -251,8 +251,12 @@ def main(argv=None):
     add_eval_arguments(commands.add_parser("eval", help="evaluate models (= lite-whisper-eval)"))
     add_demo_arguments(commands.add_parser(
         "demo", help="offline: compress whisper-base on the bundled audio and compare both models on bundled clips"))
+    from .transcribe import add_transcribe_arguments, run_transcribe
+
+    add_transcribe_arguments(commands.add_parser(
+        "transcribe", help="transcribe many files to JSONL/SRT/VTT/TXT on CPU, a GPU or many (accelerate launch)"))
     args = parser.parse_args(argv)
-    function = {"convert": run_convert, "eval": run_eval, "demo": run_demo}[args.command]
+    function = {"convert": run_convert, "eval": run_eval, "demo": run_demo, "transcribe": run_transcribe}[args.command]
     return _run(function, args)
 
 
