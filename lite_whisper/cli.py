@@ -126,6 +126,10 @@ def run_eval(args):
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     results = evaluate(args.models, args.data, processor=args.processor, limit=args.limit, batch_size=args.batch_size,
                        device=args.device, dtype=args.dtype, language=args.language, progress=not args.no_progress)
+    from .distributed import is_main_process
+
+    if not is_main_process():  # accelerate launch / torchrun: rank 0 reports the gathered results
+        return 0
     write_results(results, args.json, args.markdown)
     print(to_markdown(results))
     return 0

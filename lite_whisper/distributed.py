@@ -11,10 +11,15 @@ def launched():
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def process_state(cpu=False):
-    """accelerate's PartialState (initialises the process group once; gloo on CPU, NCCL on CUDA)."""
+def process_state(cpu=None):
+    """accelerate's PartialState (initialises the process group once: gloo on CPU, NCCL on CUDA). `cpu` defaults to
+    "no CUDA here"; without it accelerate would not form a CPU process group under torchrun."""
     from accelerate import PartialState
 
+    if cpu is None:
+        import torch
+
+        cpu = not torch.cuda.is_available()
     return PartialState(cpu=cpu)
 
 
