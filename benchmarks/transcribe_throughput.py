@@ -2,7 +2,7 @@
 
 The GPU machine has no internet, soundfile, librosa or whisper-base, and carries at most 64 MiB a call, so
 `prepare` (run here, with the dev audio and whisper-base available) writes everything it needs under
-`.cache/transcribe_bench/` (git-ignored): the dev clips decoded to 16 kHz int16 `.npy` (read by `transcribe` and the
+`.cache/transcribe_bench/` (git-ignored): the 4 long-form and every other short dev clip decoded to 16 kHz int16 `.npy` (read by `transcribe` and the
 baseline without soundfile), manifests (`once.jsonl`: each clip once; `workload.jsonl`: repeated to >= 2,000
 clips), and whisper-base in float16 (what runs on the GPU anyway). These are packed into one tar split into parts
 small enough to carry one per device call; `run` unpacks them on the device machine.
@@ -22,7 +22,7 @@ on the same files (1 process), (3) `transcribe` on `workload.jsonl` with 1 proce
 `accelerate launch --multi_gpu --num_processes 2` (skipped with fewer GPUs), and checks the merged outputs of (3) and
 (4) are identical. Results: `$OUT/transcribe_throughput.json` and `.md`. On CPU (this machine):
 
-    python benchmarks/transcribe_throughput.py run --device cpu --limit 24 --gpus 1 --out /tmp/tb
+    python benchmarks/transcribe_throughput.py run --device cpu --short-only --limit 16 --gpus "" --out /tmp/tb
 """
 
 import argparse
@@ -54,6 +54,9 @@ def prepare(args):
 
     dev = Path(args.dev)
     rows = [json.loads(line) for line in (dev / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    # every long-form clip and every `--every`-th short one: the bundle must fit 3 device calls
+    short = [r for r in rows if r["duration_s"] <= 30]
+    rows = [r for r in rows if r["duration_s"] > 30] + short[:: args.every]
     stage = BENCH / "stage"
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "audio").mkdir(parents=True)
@@ -125,11 +128,13 @@ def _rows(manifest, limit=None):
     return rows[:limit] if limit else rows
 
 
-def _limited_manifest(name, limit, out_dir):
-    if not limit:
+def _limited_manifest(name, limit, short_only=False):
+    if not limit and not short_only:
         return DATA / name
-    path = DATA / f"{Path(name).stem}-first{limit}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in _rows(DATA / name, limit)))
+    rows = [r for r in _rows(DATA / name) if not short_only or r["duration_s"] <= 30]
+    rows = rows[:limit] if limit else rows
+    path = DATA / f"{Path(name).stem}-{'short-' if short_only else ''}first{len(rows)}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
@@ -140,7 +145,10 @@ def pipeline_loop(model_dir, manifest, device, language):
     from transformers import pipeline
 
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    asr = pipeline("automatic-speech-recognition", model=str(model_dir), device=device, dtype=dtype)
+    try:
+        asr = pipeline("automatic-speech-recognition", model=str(model_dir), device=device, dtype=dtype)
+    except TypeError:  # transformers 4.x
+        asr = pipeline("automatic-speech-recognition", model=str(model_dir), device=device, torch_dtype=dtype)
     rows = _rows(manifest)
     kwargs = {"return_timestamps": True, "generate_kwargs": {"language": language, "task": "transcribe"}}
 
@@ -159,7 +167,8 @@ def pipeline_loop(model_dir, manifest, device, language):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     audio_s = sum(r["duration_s"] for r in rows)
-    return {"files": len(rows), "audio_s": audio_s, "seconds": seconds, "rtfx": audio_s / seconds, "texts": texts}
+    return {"files": len(rows), "audio_s": audio_s, "seconds": seconds, "rtfx": audio_s / seconds, "texts": texts,
+            "load_average_after": os.getloadavg()[0]}
 
 
 def transcribe_cli(model_dir, manifest, out_dir, processes, args):
@@ -189,7 +198,8 @@ def transcribe_cli(model_dir, manifest, out_dir, processes, args):
     shown = " ".join(c if " " not in c else repr(c) for c in command[command.index("-m"):])
     return {"command": shown, "processes": processes, "files": summary["files"], "audio_s": summary["audio_s"],
             "seconds": summary["transcribe_s"], "rtfx": summary["rtfx"], "process_wall_s": wall,
-            "load_s": summary["load_s"], "failed": summary["failed"], "records": records}
+            "load_s": summary["load_s"], "failed": summary["failed"], "records": records,
+            "load_average_after": os.getloadavg()[0]}
 
 
 def run(args):
@@ -209,22 +219,23 @@ def run(args):
     import transformers
 
     results["transformers"] = transformers.__version__
-    once = _limited_manifest("once.jsonl", args.limit, work)
+    once = _limited_manifest("once.jsonl", args.limit, args.short_only)
     base = pipeline_loop(model_dir, once, args.device, args.language)
     mine = transcribe_cli(model_dir, once, work / "once-1", 1, args)
     texts = {r["id"]: r["text"] for r in mine["records"]}
     same = sum(texts.get(k) == v for k, v in base["texts"].items())
     results["compare"] = {
         "files": base["files"], "audio_s": base["audio_s"],
-        "pipeline_loop": {k: base[k] for k in ("seconds", "rtfx")},
-        "transcribe": {k: mine[k] for k in ("command", "seconds", "rtfx", "load_s", "process_wall_s")},
+        "pipeline_loop": {k: base[k] for k in ("seconds", "rtfx", "load_average_after")},
+        "transcribe": {k: mine[k] for k in ("command", "seconds", "rtfx", "load_s", "process_wall_s",
+                                            "load_average_after")},
         "speedup": mine["rtfx"] / base["rtfx"], "identical_texts": same,
     }
     print(json.dumps(results["compare"], indent=1), flush=True)
 
-    workload = _limited_manifest("workload.jsonl", args.workload_limit, work)
+    workload = _limited_manifest("workload.jsonl", args.workload_limit)
     scale = {}
-    for n in [int(g) for g in args.gpus.split(",")]:
+    for n in [int(g) for g in args.gpus.split(",") if g]:
         if args.device.startswith("cuda") and n > torch.cuda.device_count():
             scale[n] = {"skipped": f"{torch.cuda.device_count()} GPU(s) visible"}
             continue
@@ -269,6 +280,7 @@ def main():
     p = sub.add_parser("prepare", help="here: decode the dev clips, save whisper-base fp16, split into parts")
     p.add_argument("--dev", default=str(ROOT.parent / "shared" / "eval" / "dev"))
     p.add_argument("--clips", type=int, default=2000, help="at least this many clips in the workload")
+    p.add_argument("--every", type=int, default=2, help="take every N-th short dev clip (2)")
     r = sub.add_parser("run", help="on the device: baseline, 1 process and N processes")
     r.add_argument("--out", required=True)
     r.add_argument("--device", default=None, help="cuda (default when present) or cpu")
@@ -276,6 +288,7 @@ def main():
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--language", default="en")
     r.add_argument("--limit", type=int, default=None, help="baseline comparison on the first N clips only")
+    r.add_argument("--short-only", action="store_true", help="baseline comparison on clips up to 30 s only")
     r.add_argument("--workload-limit", type=int, default=None, help="scaling runs on the first N workload clips")
     args = parser.parse_args()
     prepare(args) if args.command == "prepare" else run(args)

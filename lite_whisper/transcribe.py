@@ -627,8 +627,10 @@ def transcribe(inputs, opts):
     if rank == 0:
         try:
             plan = plan_run(inputs, opts, settings, batch_size, world)
-        except TranscribeError as error:
-            plan = {"error": str(error)}
+        except Exception as error:
+            if world > 1:  # the other ranks are waiting for the plan: give them the reason instead
+                broadcast({"error": str(error)})
+            raise
     plan = broadcast(plan)
     if "error" in plan:
         raise TranscribeError(plan["error"])
@@ -762,6 +764,9 @@ def _merge(out, plan, parts, world, device, dtype, wall_s):
         "dtype": str(dtype).replace("torch.", ""), "output_dir": str(out.root),
     }
     atomic_write(out.state / "summary.json", json.dumps(summary, indent=2) + "\n")
+    for stale in (out.state / "parts").glob("*.json"):  # earlier runs' parts (this run's stay, for inspection)
+        if not stale.name.startswith(plan["run_id"] + "."):
+            stale.unlink(missing_ok=True)
     return summary
 
 
