@@ -230,6 +230,8 @@ def run(args):
         "transcribe": {k: mine[k] for k in ("command", "seconds", "rtfx", "load_s", "process_wall_s",
                                             "load_average_after")},
         "speedup": mine["rtfx"] / base["rtfx"], "identical_texts": same,
+        "different_texts": [{"id": k, "pipeline": v, "transcribe": texts.get(k)} for k, v in base["texts"].items()
+                            if texts.get(k) != v],
     }
     print(json.dumps(results["compare"], indent=1), flush=True)
 
