@@ -10,6 +10,7 @@ dealt to processes, so a file is decoded in the same batch whatever the number o
 does not depend on it.
 """
 
+import argparse
 import hashlib
 import json
 import os
@@ -797,7 +798,7 @@ def add_transcribe_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=None, help="files per batch (default 16 on CUDA, 8 on CPU)")
     parser.add_argument("--dtype", default=None, help="float16, bfloat16, float32 (default float16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's GPU, else CPU)")
-    parser.add_argument("--return-timestamps", action=argparse_boolean(), default=True,
+    parser.add_argument("--return-timestamps", action=argparse.BooleanOptionalAction, default=True,
                         help="segment timestamps (default on; srt/vtt need them)")
     parser.add_argument("--chunk-length", type=float, default=None, metavar="SECONDS",
                         help="audio over 30 s through the pipeline's chunked mode with chunks this long (default:"
@@ -809,12 +810,6 @@ def add_transcribe_arguments(parser):
                         help="replace outputs in --output-dir made by another model/settings or by something else")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
-
-
-def argparse_boolean():
-    import argparse
-
-    return argparse.BooleanOptionalAction
 
 
 def run_transcribe(args):

@@ -202,14 +202,15 @@ def test_resume_after_kill_and_ctrl_c(folder_run, data, model_dir, monkeypatch, 
 
 
 def test_two_processes_match_one(folder_run, data, model_dir, tmp_path):
-    """torchrun with 2 CPU processes (gloo): the file list is split, the merged transcripts are the same."""
+    """torchrun with 2 CPU processes (gloo): the file list is split, the merged transcripts are the same. No
+    --language here: each file's language is detected (English), which must not change a transcript."""
     out = tmp_path / "out-2proc"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "lite_whisper.cli", "transcribe", str(data["root"] / "inputs"), "--model", model_dir, "--output-dir",
-         str(out), "--language", "en", "--batch-size", "2", "--num-workers", "0", "--no-progress", "--format", "jsonl"],
+         str(out), "--batch-size", "2", "--num-workers", "0", "--no-progress", "--format", "jsonl"],
         env=env, cwd=str(REPO), capture_output=True, text=True, timeout=400)
     assert proc.returncode != 0 and "2 failed" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
@@ -267,3 +268,42 @@ def test_render_discover_and_deal(tmp_path):
     assert [(Path(i.file).name, i.key) for i in items] == [("a.flac", "a.flac"), ("a.wav", "a.wav"), ("b.mp3", "x/b")]
     assert deal(list(range(7)), 2) == [0, 1, 1, 0, 0, 1, 1]
     assert deal(list(range(3)), 1) == [0, 0, 0]
+
+
+def test_chunked_long_form(data, model_dir, tmp_path):
+    """--chunk-length: the long clip through the pipeline's chunked mode; real, ordered timestamps, sane text (the
+    pipeline merges chunks into fewer, longer segments than sequential decoding)."""
+    out = tmp_path / "chunked"
+    assert main(["transcribe", str(data["root"] / "inputs" / "long"), "--model", model_dir, "--output-dir", str(out),
+                 "--language", "en", "--chunk-length", "30", "--format", "jsonl,srt", "--no-progress"]) == 0
+    (record,) = read_jsonl(out / "transcripts.jsonl")
+    assert wer_scores([data["long"]["text"]], [record["text"]])["wer"] < 30
+    segments = record["segments"]
+    assert len(segments) >= 2 and segments[-1]["end"] > 30
+    for a, b in zip(segments, segments[1:]):
+        assert a["start"] <= b["start"]
+    assert all(0 <= s["start"] <= s["end"] <= record["duration"] for s in segments)
+    assert [c[2] for c in parse_srt((out / f"{record['id']}.srt").read_text())] == [s["text"] for s in segments if s["text"]]
+
+
+def test_eval_two_processes_scores_the_gathered_whole(data, model_dir, tmp_path):
+    """lite-whisper-eval under torchrun: each process transcribes its share, rank 0 scores all clips."""
+    manifest = tmp_path / "eval.jsonl"
+    rows = data["short"][:2]
+    manifest.write_text("".join(json.dumps({"id": Path(r["path"]).stem, "audio": r["path"], "text": r["text"]}) + "\n"
+                                for r in rows))
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "lite_whisper.cli", "eval", "--models", model_dir, "--data", str(manifest), "--json", str(tmp_path / "r.json"),
+         "--batch-size", "1", "--no-progress"], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| model |") == 1  # only rank 0 reports
+    result = json.loads((tmp_path / "r.json").read_text())["models"][0]
+    assert [u["id"] for u in result["utterances"]] == [Path(r["path"]).stem for r in rows]
+    assert all(u["hypothesis"] for u in result["utterances"])
+    assert result["words"] == sum(len(r["text"].split()) for r in rows)
+    assert result["wer"] == pytest.approx(wer_scores([r["text"] for r in rows],
+                                                     [u["hypothesis"] for u in result["utterances"]])["wer"])
+    assert result["wer"] < 30
