@@ -1,4 +1,4 @@
-"""Console commands: `lite-whisper {convert,eval,demo,mlx}`, `lite-whisper-convert`, `lite-whisper-eval`.
+"""Console commands: `lite-whisper {convert,eval,demo,transcribe,mlx}`, `lite-whisper-convert`, `lite-whisper-eval`.
 
 Each subcommand is a pair: `add_X_arguments(parser)` declares its options (light: no torch, no transformers) and
 `run_X(args)` does the work, importing the heavy stack inside. The console scripts enter through the top-level
@@ -234,6 +234,10 @@ def run_eval(args):
 
     results = evaluate(args.models, args.data, processor=args.processor, limit=args.limit, batch_size=args.batch_size,
                        device=args.device, dtype=args.dtype, language=args.language, progress=not args.no_progress)
+    from .distributed import is_main_process
+
+    if not is_main_process():  # accelerate launch / torchrun: rank 0 reports the gathered results
+        return 0
     written = write_results(results, args.json, args.markdown)
     args.written.extend(str(p) for p in written)
     print(to_markdown(results))
@@ -409,11 +413,25 @@ def _run_mlx(args):
 
 
 # name -> (help, add_X_arguments, run_X, needs torch + registration). A new subcommand is one more entry.
+def _add_transcribe_arguments(parser):
+    from .transcribe import add_transcribe_arguments  # stdlib-only at import time, like this module
+
+    add_transcribe_arguments(parser)
+
+
+def _run_transcribe(args):
+    from .transcribe import run_transcribe
+
+    return run_transcribe(args)
+
+
 SUBCOMMANDS = {
     "convert": ("compress a Whisper checkpoint (= lite-whisper-convert)", add_convert_arguments, run_convert, True),
     "eval": ("evaluate models side by side (= lite-whisper-eval)", add_eval_arguments, run_eval, True),
     "demo": ("offline: compress whisper-base on the bundled audio and compare both models on bundled clips",
              add_demo_arguments, run_demo, True),
+    "transcribe": ("transcribe many files to JSONL/SRT/VTT/TXT on CPU, a GPU or many (accelerate launch)",
+                   _add_transcribe_arguments, _run_transcribe, True),
     "mlx": ("transcribe with MLX (Apple silicon or CPU; = lite-whisper-mlx)", _add_mlx_arguments, _run_mlx, False),
 }
 

@@ -33,7 +33,9 @@ def _device_and_dtype(device, dtype):
     import torch
 
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from .distributed import default_device
+
+        device = default_device()  # under accelerate launch / torchrun: this process's GPU
     device = torch.device(device)
     if dtype is None:
         # fp16 checkpoints are upcast on CPU: half-precision matmuls there are slow or unsupported.
@@ -216,6 +218,10 @@ def evaluate_model(model_id, rows, arrays, processor=None, batch_size=8, device=
     short = [i for i, d in enumerate(durations) if d <= LONG_FORM_S]
     long = [i for i, d in enumerate(durations) if d > LONG_FORM_S]
     hypotheses = [None] * len(arrays)
+    # Under accelerate launch / torchrun each process transcribes its share; WER is scored on the gathered whole.
+    from .distributed import gather, gather_by_index, shard
+
+    short, long = shard(short), shard(long)
 
     # Warm-up on one short clip so one-off costs (kernel selection, lazy init) do not count in the RTF.
     if short:
@@ -233,6 +239,10 @@ def evaluate_model(model_id, rows, arrays, processor=None, batch_size=8, device=
         hypotheses[i] = text
     _synchronize(device)
     long_s = time.perf_counter() - clock
+    hypotheses = gather_by_index(hypotheses, short + long)
+    short = [i for i, d in enumerate(durations) if d <= LONG_FORM_S]
+    long = [i for i, d in enumerate(durations) if d > LONG_FORM_S]
+    short_s, long_s = (max(t) for t in zip(*gather([(short_s, long_s)])))  # wall time: the slowest process
 
     references = [r["text"] for r in rows]
     scores = wer_scores(references, hypotheses)
