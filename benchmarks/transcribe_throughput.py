@@ -150,7 +150,9 @@ def pipeline_loop(model_dir, manifest, device, language):
     except TypeError:  # transformers 4.x
         asr = pipeline("automatic-speech-recognition", model=str(model_dir), device=device, torch_dtype=dtype)
     rows = _rows(manifest)
-    kwargs = {"return_timestamps": True, "generate_kwargs": {"language": language, "task": "transcribe"}}
+    # greedy like `transcribe`: the ASR pipeline's own default for Whisper is 5 beams
+    kwargs = {"return_timestamps": True,
+              "generate_kwargs": {"language": language, "task": "transcribe", "num_beams": 1, "do_sample": False}}
 
     def load(row):
         pcm = np.load(manifest.parent / row["audio"])
