@@ -586,6 +586,11 @@ def load_model(opts, device, dtype):
     if getattr(model.config, "model_type", None) not in ("whisper", "lite-whisper"):
         raise TranscribeError(f"{opts.model} is a {model.config.model_type!r} model, not Whisper or LiteWhisper")
     model = model.to(device).eval()
+    if getattr(device, "type", str(device)) == "cuda":
+        from .fast_generation import enable_fast_generation
+
+        # Plain Whisper too: the static-cache CUDA-graph decoding loop (LiteWhisper models have it built in).
+        enable_fast_generation(model)
     source = opts.processor or opts.model
     try:
         processor = AutoProcessor.from_pretrained(str(source))
