@@ -779,7 +779,8 @@ class _DecoderState:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a DataLoader's pin-memory thread may allocate pinned memory while we capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             self._step_body(program, span)
         self.graphs[(span, program.signature)] = graph
         return graph
@@ -845,6 +846,6 @@ def _capture_encoder(eager, features):
             eager(static_in)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         static_out = eager(static_in)[0]
     return static_in, static_out, graph
