@@ -337,7 +337,9 @@ def test_missing_mlx_names_the_extra():
         "    print('ERROR', error)\n"
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert 'ERROR the MLX port needs the "mlx" extra: pip install "lite-whisper[mlx]"' in output.stdout, output.stderr
+    repo = Path(__file__).resolve().parents[1]
+    hint = f'the MLX port needs the "mlx" extra (MLX, and mlx[cpu] on Linux): python -m pip install -e "{repo}[mlx]"'
+    assert f"ERROR {hint}" in output.stdout, output.stderr
 
     cli = subprocess.run(
         [sys.executable, "-c", code.split("import lite_whisper")[0] + "from lite_whisper.mlx_port.cli import main\n"
@@ -346,4 +348,4 @@ def test_missing_mlx_names_the_extra():
         text=True,
         timeout=300,
     )
-    assert cli.returncode == 2 and 'pip install "lite-whisper[mlx]"' in cli.stderr
+    assert cli.returncode == 2 and hint in cli.stderr
