@@ -795,27 +795,30 @@ def format_summary(s):
 def add_transcribe_arguments(parser):
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="audio files, folders (searched recursively) or manifest.jsonl files")
-    parser.add_argument("--model", required=True, help="LiteWhisper or Whisper checkpoint: folder or Hub id")
-    parser.add_argument("--output-dir", required=True, help="where the outputs go (a rerun resumes)")
+    parser.add_argument("--model", required=True,
+                        help="LiteWhisper or Whisper checkpoint: folder or Hub id (required)")
+    parser.add_argument("--output-dir", required=True, help="where the outputs go; a rerun resumes (required)")
     parser.add_argument("--format", default=",".join(FORMATS),
                         help="comma-separated: jsonl (transcripts.jsonl), srt, vtt, txt (default: all)")
     parser.add_argument("--language", default=None, help="e.g. en (default: detected per file)")
-    parser.add_argument("--task", default="transcribe", choices=("transcribe", "translate"))
-    parser.add_argument("--batch-size", type=int, default=None, help="files per batch (default 16 on CUDA, 1 on CPU)")
-    parser.add_argument("--dtype", default=None, help="float16, bfloat16, float32 (default float16 on CUDA)")
+    parser.add_argument("--task", default="transcribe", choices=("transcribe", "translate"),
+                        help="transcribe, or translate to English (default: transcribe)")
+    parser.add_argument("--batch-size", type=int, default=None, help="files per batch (default: 16 on CUDA, 1 on CPU)")
+    parser.add_argument("--dtype", default=None, help="float16, bfloat16, float32 (default: float16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this process's GPU, else CPU)")
     parser.add_argument("--return-timestamps", action=argparse.BooleanOptionalAction, default=True,
-                        help="segment timestamps (default on; srt/vtt need them)")
+                        help="segment timestamps; srt/vtt need them (default: on)")
     parser.add_argument("--chunk-length", type=float, default=None, metavar="SECONDS",
                         help="audio over 30 s through the pipeline's chunked mode with chunks this long (default:"
                              " Whisper's sequential long-form decoding)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on tokens per 30 s window")
-    parser.add_argument("--processor", default=None, help="tokenizer/feature extractor source for checkpoints without one")
-    parser.add_argument("--num-workers", type=int, default=None, help="audio-decoding worker processes per process")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on tokens per 30 s window (default: the model's generation config)")
+    parser.add_argument("--processor", default=None, help="tokenizer/feature extractor source for checkpoints without one (default: --model)")
+    parser.add_argument("--num-workers", type=int, default=None, help="audio-decoding worker processes per process (default: chosen from the CPU count)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace outputs in --output-dir made by another model/settings or by something else")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("-v", "--verbose", action="store_true")
+                        help="replace outputs in --output-dir made by another model/settings or by something else"
+                             " (default: refuse)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (default: warnings only)")
 
 
 def run_transcribe(args):

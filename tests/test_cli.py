@@ -42,7 +42,7 @@ def test_entry_points_are_the_launcher():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_is_fast_and_shows_every_default(script):
     function = SCRIPTS[script]
-    helps = [("--help",)] + ([(name, "--help") for name in ("convert", "eval", "demo", "mlx")]
+    helps = [("--help",)] + ([(name, "--help") for name in ("convert", "eval", "demo", "transcribe", "mlx")]
                              if script == "lite-whisper" else [])
     for argv in helps:
         proc, seconds = _run_script(function, *argv)
