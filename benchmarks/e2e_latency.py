@@ -77,18 +77,11 @@ def measure_ceilings():
 
 
 def time_cuda(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median milliseconds of fn() with CUDA events (the encoder benchmark's timer)."""
+    sys.path.insert(0, str(HERE))
+    from encoder_latency import time_fn
+
+    return time_fn(fn, warmup, reps)[0]
 
 
 def card_name():
