@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE, AudioError, list_audio, load_audio
+from .common import PROCESSOR_FILES, ConversionError  # noqa: F401 (re-exported: lite_whisper.convert.ConversionError)
 from .utils import check_output_dir, get_logger
 
 logger = get_logger(__name__)
@@ -23,17 +24,8 @@ logger = get_logger(__name__)
 DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "float32": "float32", "fp32": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DATASETS_HINT = 'pip install "lite-whisper[datasets]"'
-# Files that make up a Whisper processor (tokenizer + feature extractor), across transformers 4.x and 5.x.
-PROCESSOR_FILES = (
-    "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-    "merges.txt", "normalizer.json", "added_tokens.json", "special_tokens_map.json",
-)
 # What `snapshot_download` fetches for a Hub base model: config, weights, generation config, processor, card.
 BASE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "README.md"]
-
-
-class ConversionError(ValueError):
-    """A conversion request that cannot be carried out (bad option, wrong base model, no usable audio, ...)."""
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .convert import PROCESSOR_FILES, ConversionError
+from .common import PROCESSOR_FILES, ConversionError
 from .utils import atomic_output_dir, get_logger
 
 logger = get_logger(__name__)
