@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibration import (
-    _attention_block, _embed, _encoder_forward, _frame_mask, _mlp_block, _prepare_features, _Recorder, _run_blocks,
+from .calibration import (  # noqa: F401 (_frame_mask, _prepare_features, _run_blocks: used by tests and benchmarks)
+    CalibrationBatch, _attention_block, _embed, _encoder_forward, _frame_mask, _mlp_block, _prepare_features,
+    _Recorder, _run_batches, _run_blocks, prepare_batches,
 )
-from .common import ATTENTION_KEYS, MLP_KEYS, RANK_MULTIPLE, CalibrationError
+from .common import ATTENTION_KEYS, DEFAULT_TARGET_SIZE, MLP_KEYS, RANK_MULTIPLE, CalibrationError
 from .configuration_lite_whisper import LOW_RANK_KEYS, projection_shape
 from .factorize import _low_rank_module, _set_projection, build_lite_whisper, low_rank_factors
 from .modeling_lite_whisper import LowRankLinear, encoder_parameter_report, encoder_projection
@@ -63,56 +64,63 @@ BUDGET_RULES = ("variance", "threshold")
 class CompressionSettings:
     """How `compress` chooses ranks, gathers statistics and refines.
 
-    The defaults are what measured best on whisper-base (benchmarks/results/levers.md and pareto.md; calibration on
-    one half of the dev short clips, WER on the other half): one-shot statistics from speech frames, raw-variance
-    ranks, the variance budget rule, and 200 refinement steps (batch 4, lr 2e-4) with the loss split evenly between
-    speech and padding frames. Without refinement every setting below ~90% of the encoder lost 50% or more relative
-    WER; with it, 80% was 4-11% better than the original and 65% 4-11% worse (three seeds). Refinement is seconds
-    on a GPU and roughly 15 minutes for whisper-base on two CPU cores; `refine_steps=0` skips it.
+    The defaults are what measured best on whisper-base with real speech deciding (benchmarks/results/defaults.md):
+    80% of the encoder's parameters spread over all projections by explained variance, one-shot statistics from
+    speech frames, and a short label-free refinement on crops of the calibration inputs (speech plus a share of
+    Whisper's padding) instead of full 30 s windows, which makes whisper-base's default conversion minutes on a
+    laptop CPU rather than half an hour.
 
     Args:
-        attention_threshold: explained-variance threshold for q_proj, k_proj, v_proj and out_proj, in (0, 1].
-        mlp_threshold: explained-variance threshold for fc1 and fc2, in (0, 1].
-        target_size: fraction of the original encoder's parameters to keep, in (0, 1]; when set, the thresholds are
-            ignored and ranks are spread over all layers and projections to fit the budget.
+        attention_threshold: explained-variance threshold for q_proj, k_proj, v_proj and out_proj, in (0, 1]; used
+            only when `target_size` is None.
+        mlp_threshold: explained-variance threshold for fc1 and fc2, in (0, 1]; used only when `target_size` is None.
+        target_size: fraction of the original encoder's parameters to keep, in (0, 1] (default 0.8); ranks are spread
+            over all layers and projections to fit it. None chooses ranks by the thresholds (the paper's rule).
         mode: "sequential" (layer i is calibrated on the outputs of the already compressed layers 0..i-1) or
             "one-shot" (every layer on the original encoder, as in the paper).
         refine_steps: optimisation steps of the label-free refinement; 0 disables it.
-        refine_batch_size: clips per refinement step.
+        refine_batch_size: inputs per batch; statistics, teacher outputs and refinement steps share the batches.
         refine_lr: peak AdamW learning rate of the refinement (after a linear warm-up, then cosine decay).
-        refine_warmup_steps: linear warm-up steps.
+        refine_warmup_steps: linear warm-up steps (at most a quarter of the steps).
         refine_weight_decay: AdamW weight decay.
+        refine_speech_share: None weighs every frame alike in the refinement loss; a share s in (0, 1) gives
+            the speech frames weight s and Whisper's padding frames 1 - s.
+        refine_layer_norms: also train the encoder's layer norms during refinement.
+        crop_padding: None runs every input as Whisper's full 30 s window; a share p keeps only the speech frames plus
+            max(32, p * speech) frames of the padding after them (see `calibration.crop_length`), for statistics,
+            teacher and refinement alike.
+        augmentations: label-free augmentations of the calibration audio (names from `lite_whisper.augment`);
+            `augment_copies` augmented copies of every clip are added to the calibration inputs.
+        augment_copies: augmented copies per clip (0: none).
+        budget_rule: how `target_size` spreads parameters: "variance" maximises the summed explained-variance
+            ratio of all projections; "threshold" finds one explained-variance threshold shared by all of them.
         statistics_frames: "speech" (only the encoder frames that cover the audio, not Whisper's 30 s padding) or
-            "all" (every frame, as in the paper).
+            "all" (every frame of the input, as in the paper).
         channel_scale_power: 0 ranks and projects in the raw output space (the paper); p > 0 first divides each
             output channel by its standard deviation to the power p (1 = correlation PCA), so that a few very
             large channels cannot take the whole rank.
         rank_multiple: ranks are multiples of this (16 in the published checkpoints).
-        batch_size: clips per forward pass during calibration.
-        refine_speech_share: None weighs every frame alike in the refinement loss; a share s in (0, 1) gives
-            the speech frames weight s and Whisper's padding frames 1 - s.
-        refine_layer_norms: also train the encoder's layer norms during refinement.
-        budget_rule: how `target_size` spreads parameters: "variance" maximises the summed explained-variance
-            ratio of all projections; "threshold" finds one explained-variance threshold shared by all of them.
-        seed: seed of the refinement's batch order.
+        seed: seed of the batch grouping, augmentation and refinement order.
     """
 
     attention_threshold: float = 0.99
     mlp_threshold: float = 0.999
-    target_size: float | None = None
+    target_size: float | None = DEFAULT_TARGET_SIZE
     mode: str = "one-shot"
-    refine_steps: int = 200
+    refine_steps: int = 48
     refine_batch_size: int = 4
-    refine_lr: float = 2e-4
-    refine_warmup_steps: int = 10
+    refine_lr: float = 1e-3
+    refine_warmup_steps: int = 4
     refine_weight_decay: float = 0.0
     refine_speech_share: float | None = 0.5
     refine_layer_norms: bool = False
+    crop_padding: float | None = 0.5
+    augmentations: tuple = ()
+    augment_copies: int = 0
     budget_rule: str = "variance"
     statistics_frames: str = "speech"
     channel_scale_power: float = 0.0
     rank_multiple: int = RANK_MULTIPLE
-    batch_size: int = 8
     seed: int = 0
 
     def validate(self):
@@ -133,7 +141,14 @@ class CompressionSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("refine_batch_size", "rank_multiple", "batch_size"):
+        if self.crop_padding is not None and not (isinstance(self.crop_padding, (int, float)) and self.crop_padding >= 0):
+            raise ValueError(f"crop_padding must be None or a non-negative share, got {self.crop_padding!r}")
+        from .augment import parse_augmentations
+
+        self.augmentations = parse_augmentations(self.augmentations)
+        if not isinstance(self.augment_copies, int) or self.augment_copies < 0:
+            raise ValueError(f"augment_copies must be a non-negative integer, got {self.augment_copies!r}")
+        for name in ("refine_batch_size", "rank_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -181,6 +196,10 @@ def _projection_shapes(config):
 def compress(model, audio, feature_extractor, settings=None, device=None, progress=True):
     """Compress the encoder of a Whisper model into a LiteWhisper model.
 
+    Stages, each timed in the report (`timings_s`): features (log-mel, crops, augmentation), statistics (one pass
+    through the encoder, layer by layer), factorisation (spectra, rank allocation, factors), teacher (the original
+    encoder's outputs; taken from the statistics pass in one-shot mode), refinement, build.
+
     Args:
         model: a transformers `WhisperForConditionalGeneration` (any size, any dtype; left untouched).
         audio: list of 1-D float32 numpy arrays at the feature extractor's sampling rate (16 kHz).
@@ -199,30 +218,30 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
     settings.validate()
     _check_model(model)
     device = _resolve_device(device)
-    timings = {}
+    timings = {"features_s": 0.0, "statistics_s": 0.0, "factorisation_s": 0.0, "teacher_s": 0.0,
+               "refinement_s": 0.0, "build_s": 0.0}
     config = model.config
     shapes = _projection_shapes(config)
     n_layers = config.encoder_layers
+    total_frames = config.max_source_positions
 
     clock = time.perf_counter()
-    features, speech_frames = _prepare_features(audio, feature_extractor)
-    expected = config.max_source_positions * 2
-    if features.shape[-1] != expected:
-        raise CalibrationError(f"features have {features.shape[-1]} mel frames, the encoder expects {expected}")
+    if int(feature_extractor.nb_max_frames) != total_frames * 2:
+        raise CalibrationError(
+            f"the feature extractor makes {feature_extractor.nb_max_frames} mel frames, the encoder expects {total_frames * 2}")
+    batches, n_inputs = prepare_batches(
+        audio, feature_extractor, total_frames, settings.refine_batch_size, settings.crop_padding,
+        settings.augmentations, settings.augment_copies, settings.seed)
+    masks = [b.speech.to(device) if settings.statistics_frames == "speech" else torch.ones_like(b.speech, device=device)
+             for b in batches]
+    n_stat_frames = int(sum(int(m.sum()) for m in masks))
+    n_frames = sum(b.features.shape[0] * b.frames for b in batches)
     timings["features_s"] = time.perf_counter() - clock
-
-    # A float32 working copy of the encoder on the calibration device; the caller's model is never modified.
-    encoder = copy.deepcopy(model.model.encoder).to(device=device, dtype=torch.float32).eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
-    original_layers = [copy.deepcopy(layer) for layer in encoder.layers] if settings.mode == "sequential" else None
-    batch_size = settings.batch_size
-    total_frames = config.max_source_positions
-    masks = _frame_mask(speech_frames, total_frames, settings.statistics_frames == "speech", device)
-    n_stat_frames = int(masks.sum())
     logger.info(
-        "calibrating on %d inputs (%d statistics frames, %s), mode %s", features.shape[0], n_stat_frames,
-        settings.statistics_frames, settings.mode,
+        "calibrating on %d inputs (%d with augmentation), %d encoder frames (%.0f%% of full windows), %d statistics"
+        " frames (%s), mode %s", sum(b.features.shape[0] for b in batches), sum(b.features.shape[0] for b in batches)
+        - n_inputs, n_frames, 100 * n_frames / (total_frames * sum(b.features.shape[0] for b in batches)),
+        n_stat_frames, settings.statistics_frames, settings.mode,
     )
     if n_stat_frames <= settings.rank_multiple:
         raise CalibrationError(
@@ -230,45 +249,55 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
             f" {settings.rank_multiple}; give more or longer audio"
         )
 
-    # Hidden states before layer 0, kept between layers (never re-running the prefix).
+    # A float32 working copy of the encoder on the calibration device; the caller's model is never modified.
+    encoder = copy.deepcopy(model.model.encoder).to(device=device, dtype=torch.float32).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    original_layers = [copy.deepcopy(layer) for layer in encoder.layers] if settings.mode == "sequential" else None
+
+    # Hidden states before layer 0, one tensor per batch, kept between layers (never re-running the prefix).
     clock = time.perf_counter()
     with torch.no_grad():
-        hidden = torch.cat([_embed(encoder, features[s : s + batch_size].to(device)) for s in range(0, features.shape[0], batch_size)])
-    timings["embed_s"] = time.perf_counter() - clock
+        hidden = [_embed(encoder, b.features.to(device)) for b in batches]
+    timings["statistics_s"] += time.perf_counter() - clock
 
     spectra = {}  # (layer, key) -> Spectrum
     ranks = {}  # (layer, key) -> rank or None
     factors = {}  # (layer, key) -> (weight1, weight2, bias)
-    timings["calibration_s"] = 0.0
-    timings["factorisation_s"] = 0.0
 
     def keep_limit(key):
         in_features, out_features, _ = shapes[key]
         return min(saving_rank_limit(in_features, out_features), out_features)
 
     def spectrum_of(layer, key, stats):
+        clock_ = time.perf_counter()
         module = encoder_projection(layer, key)
         in_features, out_features, _ = shapes[key]
         weights = (module.weight, module.bias) if records_inputs(in_features, out_features) else (None, None)
-        return spectrum_from_statistics(stats, settings.channel_scale_power, keep_limit(key), *weights)
+        spectrum = spectrum_from_statistics(stats, settings.channel_scale_power, keep_limit(key), *weights)
+        timings["factorisation_s"] += time.perf_counter() - clock_
+        return spectrum
 
     def record(layer, keys, block, hidden_in):
+        clock_ = time.perf_counter()
         recorder = _Recorder(layer, keys, device)
         try:
             with torch.no_grad():
-                out = _run_blocks(block, layer, hidden_in, masks, batch_size, recorder)
+                out = _run_batches(block, layer, hidden_in, masks, recorder)
         finally:
             recorder.close()
+        timings["statistics_s"] += time.perf_counter() - clock_
         return out, recorder.stats
 
-    def factorise(layer_index, key, stats):
+    def run(block, layer, hidden_in):
         clock_ = time.perf_counter()
-        spectrum = spectrum_of(original_layer(layer_index), key, stats[key])
-        in_features, out_features, _ = shapes[key]
-        if fixed_ranks is not None:  # budget mode: ranks were allocated from the one-shot spectra
-            rank = fixed_ranks[(layer_index, key)]
-        else:
-            rank = choose_rank(spectrum.eigenvalues, settings.threshold(key), in_features, out_features, settings.rank_multiple)
+        with torch.no_grad():
+            out = _run_batches(block, layer, hidden_in, masks)
+        timings["statistics_s"] += time.perf_counter() - clock_
+        return out
+
+    def set_factors(layer_index, key, spectrum, rank):
+        clock_ = time.perf_counter()
         spectra[(layer_index, key)] = spectrum
         ranks[(layer_index, key)] = rank
         if rank is not None:
@@ -277,7 +306,15 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
             factors[(layer_index, key)] = low_rank_factors(module.weight, module.bias, spectrum, rank)
         spectrum.eigenvectors = None  # only the eigenvalues are needed from here on (report)
         timings["factorisation_s"] += time.perf_counter() - clock_
-        return rank
+
+    def factorise(layer_index, key, stats):
+        spectrum = spectrum_of(original_layer(layer_index), key, stats[key])
+        in_features, out_features, _ = shapes[key]
+        if fixed_ranks is not None:  # budget mode: ranks were allocated from the one-shot spectra
+            rank = fixed_ranks[(layer_index, key)]
+        else:
+            rank = choose_rank(spectrum.eigenvalues, settings.threshold(key), in_features, out_features, settings.rank_multiple)
+        set_factors(layer_index, key, spectrum, rank)
 
     def original_layer(i):
         return original_layers[i] if original_layers is not None else encoder.layers[i]
@@ -287,104 +324,88 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
             if ranks.get((layer_index, key)) is not None:
                 _set_projection(layer, key, _low_rank_module(*factors[(layer_index, key)]))
 
+    # In one-shot mode the statistics pass runs the original encoder over every batch: its last hidden states,
+    # after the final layer norm, are exactly the teacher's outputs, so no second pass is needed.
+    teacher = None
     fixed_ranks = None
     if settings.target_size is not None:
         # Budget mode needs every layer's spectrum before any rank is chosen: one one-shot pass first.
-        clock = time.perf_counter()
         h = hidden
         budget_spectra = {}
-        for i in tqdm(range(n_layers), desc="calibrate (budget)", disable=not progress):
+        for i in tqdm(range(n_layers), desc="statistics (encoder layers)", disable=not progress):
             layer = encoder.layers[i]
             mid, stats_a = record(layer, ATTENTION_KEYS, _attention_block, h)
             h, stats_m = record(layer, MLP_KEYS, _mlp_block, mid)
             for key, stats in {**stats_a, **stats_m}.items():
                 budget_spectra[(i, key)] = spectrum_of(layer, key, stats)
-            del stats_a, stats_m
+            del stats_a, stats_m, mid
+        if settings.mode == "one-shot":
+            with torch.no_grad():
+                teacher = [encoder.layer_norm(x) for x in h]
         del h
-        timings["calibration_s"] += time.perf_counter() - clock
         clock = time.perf_counter()
         fixed_ranks = _allocate_for_target(model, budget_spectra, shapes, settings)
-        timings["allocation_s"] = time.perf_counter() - clock
+        timings["factorisation_s"] += time.perf_counter() - clock
         if settings.mode == "one-shot":
-            clock = time.perf_counter()
             for (i, key), spectrum in budget_spectra.items():
-                spectra[(i, key)] = spectrum
-                rank = fixed_ranks[(i, key)]
-                ranks[(i, key)] = rank
-                if rank is not None:
-                    _check_frames(rank, spectrum.count, i, key)
-                    module = encoder_projection(encoder.layers[i], key)
-                    factors[(i, key)] = low_rank_factors(module.weight, module.bias, spectrum, rank)
-                spectrum.eigenvectors = None
-            timings["factorisation_s"] += time.perf_counter() - clock
+                set_factors(i, key, spectrum, fixed_ranks[(i, key)])
         del budget_spectra
 
     if settings.target_size is None or settings.mode == "sequential":
-        for i in tqdm(range(n_layers), desc=f"calibrate ({settings.mode})", disable=not progress):
-            clock = time.perf_counter()
+        for i in tqdm(range(n_layers), desc=f"statistics ({settings.mode}, encoder layers)", disable=not progress):
             layer = encoder.layers[i]
             if settings.mode == "one-shot":
                 # Statistics of all six projections from the original layer on the original hidden states.
                 mid, stats_a = record(layer, ATTENTION_KEYS, _attention_block, hidden)
                 hidden, stats_m = record(layer, MLP_KEYS, _mlp_block, mid)
-                timings["calibration_s"] += time.perf_counter() - clock
                 for key in LOW_RANK_KEYS:
-                    stats = stats_a if key in ATTENTION_KEYS else stats_m
-                    factorise(i, key, stats)
+                    factorise(i, key, stats_a if key in ATTENTION_KEYS else stats_m)
                 del mid, stats_a, stats_m
             else:
                 # Attention first (its inputs already went through the compressed layers 0..i-1) ...
                 _, stats_a = record(layer, ATTENTION_KEYS, _attention_block, hidden)
-                timings["calibration_s"] += time.perf_counter() - clock
                 for key in ATTENTION_KEYS:
                     factorise(i, key, stats_a)
                 apply(layer, i, ATTENTION_KEYS)
                 # ... then the MLP, calibrated on the output of the compressed attention.
-                clock = time.perf_counter()
-                with torch.no_grad():
-                    mid = _run_blocks(_attention_block, layer, hidden, masks, batch_size)
+                mid = run(_attention_block, layer, hidden)
                 _, stats_m = record(layer, MLP_KEYS, _mlp_block, mid)
-                timings["calibration_s"] += time.perf_counter() - clock
                 for key in MLP_KEYS:
                     factorise(i, key, stats_m)
                 apply(layer, i, MLP_KEYS)
-                clock = time.perf_counter()
-                with torch.no_grad():
-                    hidden = _run_blocks(_mlp_block, layer, mid, masks, batch_size)
-                timings["calibration_s"] += time.perf_counter() - clock
+                hidden = run(_mlp_block, layer, mid)
                 del mid, stats_a, stats_m
+        if settings.mode == "one-shot":
+            with torch.no_grad():
+                teacher = [encoder.layer_norm(x) for x in hidden]
     del hidden
 
     refine_report = {"steps": settings.refine_steps}
     if settings.refine_steps > 0 and factors:
-        clock = time.perf_counter()
-        # The teacher's outputs: the original encoder on the calibration features, computed once. In one-shot mode
-        # the working encoder is still the original here; in sequential mode its original layers are swapped in.
-        compressed_layers = encoder.layers
-        if original_layers is not None:
+        if teacher is None:
+            # Sequential mode: the working encoder's layers are already compressed; swap the originals in.
+            clock = time.perf_counter()
+            compressed_layers = encoder.layers
             encoder.layers = nn.ModuleList(original_layers)
-        try:
-            with torch.no_grad():
-                targets = torch.cat([
-                    _encoder_forward(encoder, features[s : s + batch_size].to(device))
-                    for s in range(0, features.shape[0], batch_size)
-                ])
-        finally:
-            encoder.layers = compressed_layers
-        timings["teacher_s"] = time.perf_counter() - clock
+            try:
+                with torch.no_grad():
+                    teacher = [_encoder_forward(encoder, b.features.to(device)) for b in batches]
+            finally:
+                encoder.layers = compressed_layers
+            timings["teacher_s"] = time.perf_counter() - clock
         student = encoder
         for i, layer in enumerate(student.layers):
             apply(layer, i, [key for key in LOW_RANK_KEYS if not isinstance(encoder_projection(layer, key), LowRankLinear)])
         clock = time.perf_counter()
-        speech_masks = _frame_mask(speech_frames, total_frames, True, "cpu")
-        initial, final = refine_encoder(student, features, targets, settings, device, progress, speech_masks)
+        initial, final = refine_encoder(student, batches, teacher, settings, device, progress)
         timings["refinement_s"] = time.perf_counter() - clock
         for (i, key) in list(factors):
             module = encoder_projection(student.layers[i], key)
             factors[(i, key)] = (module.weight1.detach(), module.weight2.detach(), module.bias.detach())
         refine_report.update({"initial_loss": initial, "final_loss": final, "batch_size": settings.refine_batch_size,
-                              "lr": settings.refine_lr})
-        del targets
+                              "lr": settings.refine_lr, "teacher": "statistics pass" if settings.mode == "one-shot"
+                              else "separate pass"})
+    del teacher
 
     clock = time.perf_counter()
     cpu_factors = {k: tuple(t.detach().float().cpu() for t in v) for k, v in factors.items()}
@@ -392,7 +413,10 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
     timings["build_s"] = time.perf_counter() - clock
     del encoder, original_layers
 
-    report = _report(lite, settings, spectra, ranks, shapes, features.shape[0], len(audio), n_stat_frames, refine_report, timings)
+    calibration = {"clips": len(audio), "inputs": sum(b.features.shape[0] for b in batches),
+                   "augmented_inputs": sum(b.features.shape[0] for b in batches) - n_inputs,
+                   "encoder_frames": n_frames, "full_window_frames": total_frames * sum(b.features.shape[0] for b in batches)}
+    report = _report(lite, settings, spectra, ranks, shapes, calibration, n_stat_frames, refine_report, timings)
     return CompressionResult(model=lite, report=report)
 
 
@@ -443,7 +467,7 @@ def _allocate_for_target(model, spectra, shapes, settings):
     return {names[name]: rank for name, rank in allocation.items()}
 
 
-def _report(lite, settings, spectra, ranks, shapes, n_inputs, n_clips, n_frames, refine_report, timings):
+def _report(lite, settings, spectra, ranks, shapes, calibration, n_frames, refine_report, timings):
     params = encoder_parameter_report(lite)
     layers = []
     for i in range(lite.config.encoder_layers):
@@ -467,8 +491,7 @@ def _report(lite, settings, spectra, ranks, shapes, n_inputs, n_clips, n_frames,
         "encoder_params_before": params["original_encoder_params"],
         "encoder_params_after": params["encoder_params"],
         "encoder_fraction": params["fraction"],
-        "calibration": {"clips": n_clips, "inputs": n_inputs, "statistics_frames": n_frames,
-                        "frames_kind": settings.statistics_frames},
+        "calibration": {**calibration, "statistics_frames": n_frames, "frames_kind": settings.statistics_frames},
         "refinement": refine_report,
         "layers": layers,
         "timings_s": timings,
