@@ -68,7 +68,7 @@ class CalibrationBatch:
         return self.speech.shape[1]
 
 
-def crop_length(speech_frames, total_frames, crop_padding, min_padding=32, multiple=16):
+def crop_length(speech_frames, total_frames, crop_padding, min_padding=64, multiple=16):
     """Encoder frames kept for an input with `speech_frames` of audio: all of it plus a share of the padding.
 
     None keeps Whisper's whole 30 s window. Otherwise max(min_padding, crop_padding * speech) padding frames are kept,
@@ -83,17 +83,19 @@ def crop_length(speech_frames, total_frames, crop_padding, min_padding=32, multi
 
 
 def prepare_batches(audio, feature_extractor, total_frames, batch_size, crop_padding=None, augmentations=(),
-                    augment_copies=0, seed=0):
+                    augment_copies=0, seed=0, piece_s=None):
     """Calibration inputs as batches of similar crop length: the clips, then `augment_copies` augmented copies.
 
-    Returns (batches, n_clips_inputs): the first inputs are the clips themselves, in 30 s pieces. Batches are
-    grouped by crop length (with a seeded shuffle among equal lengths), so a batch wastes few frames.
+    Returns (batches, n_clips_inputs): the first inputs are the clips themselves, cut into pieces of at most
+    `piece_s` seconds (None: Whisper's 30 s window). Each piece is one input, as a clip of that length would be at
+    inference: audio, then padding. Batches are grouped by crop length (with a seeded shuffle among equal lengths),
+    so a batch wastes few frames.
     """
     from .augment import FEATURE_AUGMENTATIONS, WAVEFORM_AUGMENTATIONS, augment_waveform, parse_augmentations, spec_augment
 
     augmentations = parse_augmentations(augmentations)
     window = int(feature_extractor.n_samples)
-    pieces = _split_windows(audio, window)
+    pieces = _split_windows(audio, window if piece_s is None else min(window, int(piece_s * feature_extractor.sampling_rate)))
     features, speech_frames = _features(pieces, feature_extractor)
     augmented = [False] * len(pieces)
     if augment_copies and augmentations:

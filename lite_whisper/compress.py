@@ -87,8 +87,10 @@ class CompressionSettings:
             the speech frames weight s and Whisper's padding frames 1 - s.
         refine_layer_norms: also train the encoder's layer norms during refinement.
         crop_padding: None runs every input as Whisper's full 30 s window; a share p keeps only the speech frames plus
-            max(32, p * speech) frames of the padding after them (see `calibration.crop_length`), for statistics,
+            max(64, p * speech) frames of the padding after them (see `calibration.crop_length`), for statistics,
             teacher and refinement alike.
+        piece_s: calibration clips are cut into inputs of at most this many seconds (None: 30 s windows); shorter
+            inputs make shorter crops, so a refinement step costs less.
         augmentations: label-free augmentations of the calibration audio (names from `lite_whisper.augment`);
             `augment_copies` augmented copies of every clip are added to the calibration inputs.
         augment_copies: augmented copies per clip (0: none).
@@ -114,7 +116,8 @@ class CompressionSettings:
     refine_weight_decay: float = 0.0
     refine_speech_share: float | None = 0.5
     refine_layer_norms: bool = False
-    crop_padding: float | None = 0.5
+    crop_padding: float | None = 0.25
+    piece_s: float | None = 10.0
     augmentations: tuple = ()
     augment_copies: int = 0
     budget_rule: str = "variance"
@@ -143,6 +146,8 @@ class CompressionSettings:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.crop_padding is not None and not (isinstance(self.crop_padding, (int, float)) and self.crop_padding >= 0):
             raise ValueError(f"crop_padding must be None or a non-negative share, got {self.crop_padding!r}")
+        if self.piece_s is not None and not (isinstance(self.piece_s, (int, float)) and 1.0 <= self.piece_s <= 30.0):
+            raise ValueError(f"piece_s must be None or in [1, 30] seconds, got {self.piece_s!r}")
         from .augment import parse_augmentations
 
         self.augmentations = parse_augmentations(self.augmentations)
@@ -231,7 +236,7 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
             f"the feature extractor makes {feature_extractor.nb_max_frames} mel frames, the encoder expects {total_frames * 2}")
     batches, n_inputs = prepare_batches(
         audio, feature_extractor, total_frames, settings.refine_batch_size, settings.crop_padding,
-        settings.augmentations, settings.augment_copies, settings.seed)
+        settings.augmentations, settings.augment_copies, settings.seed, settings.piece_s)
     masks = [b.speech.to(device) if settings.statistics_frames == "speech" else torch.ones_like(b.speech, device=device)
              for b in batches]
     n_stat_frames = int(sum(int(m.sum()) for m in masks))

@@ -65,13 +65,13 @@ def test_prepare_batches_crops_are_prefixes_of_whispers_window(tiny_whisper):
     assert n == 5 and sum(b.features.shape[0] for b in batches) == 5
     for batch in batches:
         speech = batch.speech.sum(dim=1)
-        assert batch.frames >= int(speech.max()) + 32  # every crop keeps some of Whisper's padding
+        assert batch.frames >= int(speech.max()) + 64  # every crop keeps some of Whisper's padding
         for row, frames in zip(batch.features, speech):
             # Identify the clip by its speech length: the crop is exactly the start of Whisper's own features.
             matches = [i for i in range(5) if torch.equal(full[i, :, : row.shape[-1]], row)]
             assert matches, "a crop is not a prefix of the full-window features"
     assert crop_length(100, 1500, None) == 1500
-    assert crop_length(100, 1500, 0.5) == 160  # 100 speech + 50 padding, rounded up to 16
+    assert crop_length(100, 1500, 0.25) == 176  # 100 speech + max(64, 25) padding, rounded up to 16
     assert crop_length(1490, 1500, 0.5) == 1500
 
 
@@ -103,7 +103,8 @@ def test_augmentation_keeps_teacher_student_pairing(tiny_whisper, monkeypatch):
     for student in student_inputs:
         assert any(torch.equal(student, teacher) for teacher in teacher_inputs)
     # The same seed gives the same augmented inputs, hence the same teacher targets.
-    again, _ = prepare_batches(_clips(4), feature_extractor, 1500, 2, 0.5, settings.augmentations, 1, seed=5)
+    again, _ = prepare_batches(_clips(4), feature_extractor, 1500, 2, settings.crop_padding, settings.augmentations, 1,
+                               seed=5, piece_s=settings.piece_s)
     assert all(any(torch.equal(b.features, t) for t in teacher_inputs) for b in again)
 
 
