@@ -66,6 +66,27 @@ ARCHIVES = {
     "pywhispercpp": Archive("pywhispercpp-1.5.1.tar.gz",
                             "5df897e5dd9d9f16804fc937bd85b9f5880a0b29a55f8843585e0e03d76195e5",
                             "pip download --no-deps --no-binary :all: pywhispercpp==1.5.1"),
+    "linphone": Archive("linphone-common_5.1.65-4_all.deb",
+                        "4d6fa3b4401a7f320387351241a917b9945f8afbe342ab8bbf5ac8cec4713bfa",
+                        "apt-get download linphone-common=5.1.65-4"),
+    "fillets_cs": Archive("fillets-ng-data-cs_1.0.1-1.1_all.deb",
+                          "3ecef99b9456f1c80c9625c6f2418642b52d58e7167a46bad7a412db17991b14",
+                          "apt-get download fillets-ng-data-cs=1.0.1-1.1"),
+    "fillets_nl": Archive("fillets-ng-data-nl_1.0.1-1.1_all.deb",
+                          "afb4443fda9ab507dee578b75be857d121718a1cd6017a474f30e0eb13dc9d10",
+                          "apt-get download fillets-ng-data-nl=1.0.1-1.1"),
+    "asterisk_it": Archive("asterisk-core-sounds-it-wav_1.6.1-1_all.deb",
+                           "5a26638089e134b8ac39363fe249c5c93c50cd8bfdc9b2499ae61ec4a35e2fcb",
+                           "apt-get download asterisk-core-sounds-it-wav=1.6.1-1"),
+    "asterisk_ru": Archive("asterisk-core-sounds-ru-wav_1.6.1-1_all.deb",
+                           "ccbfaebfa450b7a9ddf644ae0f3d1e9017d5df7c0aebe816e946345589d38201",
+                           "apt-get download asterisk-core-sounds-ru-wav=1.6.1-1"),
+    "asterisk_fr": Archive("asterisk-prompt-fr-armelle_20070613-2.2_all.deb",
+                           "162570b1a9b3512a98f06b89f60c7c17cf1b9b52297315adca9a4e5be728bea3",
+                           "apt-get download asterisk-prompt-fr-armelle=20070613-2.2"),
+    "asterisk_es": Archive("asterisk-prompt-es-co_0.20070403-2.1_all.deb",
+                           "6702696e045514699e87dc8fb70f370717e5df91f821f7bec8dd0df1be008e83",
+                           "apt-get download asterisk-prompt-es-co=0.20070403-2.1"),
 }
 
 
@@ -75,7 +96,7 @@ class Item:
 
     name: str  # id prefix
     archive: str
-    members: tuple  # paths inside the archive (several: joined in this order with 0.5 s gaps)
+    members: tuple  # paths inside the archive (several: joined in this order with 0.5 s gaps); see `pick`
     speaker: str
     style: str  # read | spontaneous | acted
     condition: str
@@ -85,12 +106,21 @@ class Item:
     raw_rate: int = 0  # headerless 16-bit little-endian mono PCM at this rate
     rttm: str = ""  # member with speaker turns: the speaker field lists who talks in each piece
     trim: bool = True
+    language: str = "en"
+    # members[0] as a glob over the archive's sorted member names: every `stride`-th match of at least `min_part_s`,
+    # joined until `max_s` seconds (a selection of short prompts / game lines).
+    pick: bool = False
+    stride: int = 1
+    min_part_s: float = 0.0
+    max_s: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
 CMU = "CMU-ARCTIC (BSD-style, see ATTRIBUTION.md)"
 C2 = "LGPL-2.1 (codec2, Copyright 2007-2019 David Rowe; see ATTRIBUTION.md)"
 AMI = "CC-BY-4.0 (AMI Meeting Corpus; see ATTRIBUTION.md)"
+LIN = "GPL-3+ (linphone, Copyright 2000-2017 Simon Morlat, 2010-2021 Belledonne Communications; see ATTRIBUTION.md)"
+FIL = "GPL-2 (Fish Fillets NG, ALTAR interactive / Danihelka; see ATTRIBUTION.md)"
 C2RAW = "./usr/share/codec2/raw/"
 C2WAV = "./usr/share/codec2/wav/"
 
@@ -150,6 +180,39 @@ CALIBRATION = [
          C2, "codec2-samples (codec2-examples 1.0.5-1)", accent="British English", raw_rate=8000),
     Item("codec2_kristoff", "codec2", (C2RAW + "kristoff.raw",), "ham-kristoff", "spontaneous", "narrowband",
          C2, "codec2-samples (codec2-examples 1.0.5-1)", raw_rate=8000),
+    # Simon Morlat, author of Linphone, recorded the softphone's test message twice (wideband and telephone band).
+    Item("linphone_hello16000", "linphone", ("./usr/share/sounds/linphone/hello16000.wav",), "linphone-simon-morlat",
+         "spontaneous", "clean", LIN, "linphone-test-message (linphone-common 5.1.65-4)",
+         accent="French (non-native English)"),
+    Item("linphone_hello8000", "linphone", ("./usr/share/sounds/linphone/hello8000.wav",), "linphone-simon-morlat",
+         "spontaneous", "narrowband", LIN, "linphone-test-message (linphone-common 5.1.65-4)",
+         accent="French (non-native English)"),
+    # --- Non-English real speech (a minority; Whisper is multilingual). Short lines of one source joined with 0.5 s
+    # gaps, then cut like the rest. `language` tells them apart; filter on it for an English-only set.
+    Item("fillets_cs", "fillets_cs", ("./usr/share/games/fillets-ng/sound/*/cs/*-[mv]-*.ogg",),
+         "fillets-cs-small-fish,fillets-cs-big-fish", "acted", "clean", FIL,
+         "fish-fillets-ng-czech-dialogue (fillets-ng-data-cs 1.0.1-1.1)", language="cs", pick=True, stride=40,
+         min_part_s=2.0, max_s=60.0),
+    Item("fillets_nl", "fillets_nl", ("./usr/share/games/fillets-ng/sound/*/nl/*-[mv]-*.ogg",),
+         "fillets-nl-small-fish,fillets-nl-big-fish", "acted", "clean", FIL,
+         "fish-fillets-ng-dutch-dialogue (fillets-ng-data-nl 1.0.1-1.1)", language="nl", pick=True, stride=40,
+         min_part_s=2.0, max_s=45.0),
+    Item("asterisk_it", "asterisk_it", ("./usr/share/asterisk/sounds/it_IT_m_Carlo/*.wav",), "asterisk-it-carlo-flora",
+         "read", "narrowband", "CC-BY-3.0 (Carlo Flora; see ATTRIBUTION.md)",
+         "asterisk-core-sounds-it (asterisk-core-sounds-it-wav 1.6.1-1)", language="it", pick=True, stride=7,
+         min_part_s=2.0, max_s=28.0),
+    Item("asterisk_ru", "asterisk_ru", ("./usr/share/asterisk/sounds/ru_RU_f_IvrvoiceRU/*.wav",),
+         "asterisk-ru-ivrvoice", "read", "narrowband", "CC-BY-3.0 (Maxim Topal, ivrvoice.ru; see ATTRIBUTION.md)",
+         "asterisk-core-sounds-ru (asterisk-core-sounds-ru-wav 1.6.1-1)", language="ru", pick=True, stride=7,
+         min_part_s=2.0, max_s=28.0),
+    Item("asterisk_fr", "asterisk_fr", ("./usr/share/asterisk/sounds/fr/*.gsm",), "asterisk-fr-armelle", "read",
+         "narrowband-gsm", "GPL-2+ (Michel Gutierrez; see ATTRIBUTION.md)",
+         "asterisk-prompt-fr-armelle (asterisk-prompt-fr-armelle 20070613-2.2)", language="fr", raw_rate=8000,
+         pick=True, stride=5, min_part_s=2.0, max_s=28.0),
+    Item("asterisk_es", "asterisk_es", ("./usr/share/asterisk/sounds/es/*.gsm",), "asterisk-es-co", "read",
+         "narrowband-gsm", "GPL-2+ (asterisk-prompt-es-co; see ATTRIBUTION.md)",
+         "asterisk-prompt-es-co (asterisk-prompt-es-co 0.20070403-2.1)", language="es", raw_rate=8000, pick=True,
+         stride=5, min_part_s=2.0, max_s=28.0),
 ]
 
 
@@ -203,16 +266,22 @@ class Sources:
             offset += 60 + size + (size & 1)
         raise RuntimeError(f"{path}: no data.tar member")
 
+    def names(self, key):
+        self.read(key, None)
+        return sorted(self._cache[key][1])
+
     def read(self, key, member):
         """Bytes of `member` (for sdists relative to the top folder; `zip:inner` reads inside a zip member)."""
         inner = None
-        if ":" in member:
+        if member and ":" in member:
             member, inner = member.split(":", 1)
         if key not in self._cache:
             path = self.path(key)
             tar = self._deb_data(path) if path.suffix == ".deb" else tarfile.open(path)
             self._cache[key] = (tar, {m.name: m for m in tar.getmembers()})
         tar, members = self._cache[key]
+        if member is None:
+            return None
         info = members.get(member)
         if info is None:  # sdists: member relative to the top folder
             matches = [m for n, m in members.items() if n.split("/", 1)[-1] == member]
@@ -227,11 +296,14 @@ class Sources:
 
 # ---------------------------------------------------------------------------------------------------- audio
 
-def _decode(blob, raw_rate=0):
+def _decode(blob, raw_rate=0, gsm=False):
     import librosa
     import soundfile as sf
 
-    if raw_rate:
+    if raw_rate and gsm:  # headerless GSM 06.10
+        data, rate = sf.read(io.BytesIO(blob), dtype="float32", format="RAW", subtype="GSM610", samplerate=raw_rate,
+                             channels=1)
+    elif raw_rate:
         data, rate = np.frombuffer(blob, dtype="<i2").astype(np.float32) / 32768.0, raw_rate
     else:
         data, rate = sf.read(io.BytesIO(blob), dtype="float32", always_2d=True)
@@ -361,7 +433,23 @@ def build_calibration(sources, out, items=CALIBRATION):
     rows, counter = [], [0]
     gap = np.zeros(int(0.5 * RATE), dtype=np.float32)
     for item in items:
-        parts = [_decode(sources.read(item.archive, m), item.raw_rate) for m in item.members]
+        members = item.members
+        if item.pick:
+            import fnmatch
+
+            matches = [n for n in sources.names(item.archive) if fnmatch.fnmatchcase(n, item.members[0])]
+            members, parts, total = [], [], 0.0
+            for name_ in matches[::item.stride]:
+                part = _decode(sources.read(item.archive, name_), item.raw_rate, name_.endswith(".gsm"))
+                if len(part) / RATE < item.min_part_s:
+                    continue
+                members.append(name_)
+                parts.append(part)
+                total += len(part) / RATE
+                if total >= item.max_s:
+                    break
+        else:
+            parts = [_decode(sources.read(item.archive, m), item.raw_rate, m.endswith(".gsm")) for m in members]
         offset = 0  # of the first sample kept, in the (single) source recording
         if item.rttm:  # keep from the first annotated turn to the end of the last one
             member, uri = item.rttm.rsplit(":", 1)
@@ -376,7 +464,11 @@ def build_calibration(sources, out, items=CALIBRATION):
             parts, offset = [t[0] for t in trimmed], trimmed[0][1]
         audio = np.concatenate([p for part in parts for p in (part, gap)][:-1])
         pieces = _cut(audio, counter)
-        origin = ", ".join(f"{ARCHIVES[item.archive].filename}:{m}" for m in item.members)
+        if item.pick:
+            origin = (f"{ARCHIVES[item.archive].filename}: {len(members)} files matching {item.members[0]} "
+                      f"(every {item.stride}th of at least {item.min_part_s:g} s, sorted by name), joined")
+        else:
+            origin = ", ".join(f"{ARCHIVES[item.archive].filename}:{m}" for m in members)
         for index, piece in enumerate(pieces, 1):
             name = item.name if len(pieces) == 1 else f"{item.name}_{index:02d}"
             speaker = item.speaker
@@ -387,7 +479,7 @@ def build_calibration(sources, out, items=CALIBRATION):
                 if not speaker:
                     raise RuntimeError(f"{name}: no annotated speaker turn in this piece")
             fields = {"source": item.source, "license": item.license, "speaker": speaker, "style": item.style,
-                      "condition": item.condition}
+                      "condition": item.condition, "language": item.language}
             if item.accent:
                 fields["accent"] = item.accent
             fields["origin"] = origin + (f" [{offset / RATE:.2f}-{(offset + len(piece)) / RATE:.2f} s]"
