@@ -215,11 +215,11 @@ CALIBRATION = [
          "asterisk-core-sounds-ru (asterisk-core-sounds-ru-wav 1.6.1-1)", language="ru", pick=True, stride=7,
          min_part_s=2.0, max_s=28.0),
     Item("asterisk_fr", "asterisk_fr", ("./usr/share/asterisk/sounds/fr/*.gsm",), "asterisk-fr-armelle", "read",
-         "narrowband-gsm", "GPL-2+ (Michel Gutierrez; see ATTRIBUTION.md)",
+         "narrowband-gsm", "BSD-style (Copyright (C) 2006 Michel Gutierrez; see ATTRIBUTION.md)",
          "asterisk-prompt-fr-armelle (asterisk-prompt-fr-armelle 20070613-2.2)", language="fr", raw_rate=8000,
          pick=True, stride=5, min_part_s=2.0, max_s=28.0),
     Item("asterisk_es", "asterisk_es", ("./usr/share/asterisk/sounds/es/*.gsm",), "asterisk-es-co", "read",
-         "narrowband-gsm", "GPL-2+ (asterisk-prompt-es-co; see ATTRIBUTION.md)",
+         "narrowband-gsm", "GPL-2 (Avatar Ltda. / July E. Jimenez; see ATTRIBUTION.md)",
          "asterisk-prompt-es-co (asterisk-prompt-es-co 0.20070403-2.1)", language="es", raw_rate=8000, pick=True,
          stride=5, min_part_s=2.0, max_s=28.0),
 ]
