@@ -136,6 +136,8 @@ def main(argv=None):
     if "baseline" not in results:
         results["baseline"] = {g: score(model, processor, groups[g], audio[g])[0] for g in groups}
         logger.info("baseline: %s", {g: round(results["baseline"][g]["wer"], 2) for g in groups})
+        output.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))  # kept even if the run below is interrupted
 
     overrides = {}
     for item in args.set:
