@@ -75,7 +75,7 @@ def parse_value(value):
 def to_markdown(results):
     base = results["baseline"]
     lines = [
-        "| run | % encoder | real WER | Δ real | synthetic WER | Δ synth. | loops (real/synth.) | convert (s) | "
+        "| run | % encoder | real WER | Δ real | synthetic WER | Δ synth. | loops (real/synth.) | convert wall (s) | "
         "stages: features / statistics / factorisation / teacher / refinement (s) | load avg |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
         f"| whisper-base (uncompressed) | 100.0 | {base['real']['wer']:.2f} | – | {base['synthetic']['wer']:.2f} | – |"
@@ -89,13 +89,15 @@ def to_markdown(results):
         lines.append(
             f"| {run['name']} | {100 * run['report']['encoder_fraction']:.1f} | {run['real']['wer']:.2f} |"
             f" {rel['real']:+.1f}% | {run['synthetic']['wer']:.2f} | {rel['synthetic']:+.1f}% |"
-            f" {len(run['real']['looping'])}/{len(run['synthetic']['looping'])} | {run['convert_s']:.0f} | {stages} |"
+            f" {len(run['real']['looping'])}/{len(run['synthetic']['looping'])} | {run['convert_s']:.0f}"
+            f" ({run.get('convert_cpu_s', float('nan')):.0f} CPU s) | {stages} |"
             f" {run['load_average']} |")
     notes = [
         "", "Real: the 99 real human speech clips of the dev set; synthetic: 60 fixed synthetic short clips. Corpus WER",
         "(Whisper English normaliser), greedy, max 128 new tokens. convert = decode + compress (without loading the",
-        "base and writing the folder). Timings on 2 shared CPU cores: `load avg` is the 1/5/15-minute load average",
-        "when the conversion ended (2.0 = the two cores fully busy); above ~2.5 other jobs were slowing it down.",
+        "base and writing the folder), wall seconds and CPU seconds of the process (all threads; on an idle 2-core",
+        "machine the wall time is about CPU / 2). Timings on 2 shared CPU cores: `load avg` is the 1/5/15-minute",
+        "load average when the conversion ended (2.0 = the two cores fully busy); above ~2.5 other jobs slowed it.",
         "Settings of each run (diff to the defaults): see OUTPUT.json `runs.NAME.settings_diff`.",
     ]
     return "\n".join(lines + notes) + "\n"
@@ -144,7 +146,7 @@ def main(argv=None):
         key, value = item.split("=", 1)
         overrides[key] = parse_value(value)
     settings = CompressionSettings(**overrides)
-    clock = time.perf_counter()
+    clock, cpu = time.perf_counter(), time.process_time()
     calibration = load_calibration_audio(args.calibration, args.num_calibration_samples)
     decode_s = time.perf_counter() - clock
     dev_ids = {r["id"] for rows in groups.values() for r in rows}
@@ -152,8 +154,11 @@ def main(argv=None):
         raise SystemExit("calibration audio overlaps the scored dev clips")
     result = compress(model, calibration.audio, processor.feature_extractor, settings, device="cpu")
     convert_s = time.perf_counter() - clock
+    # CPU seconds of this process (all threads): on an otherwise idle 2-core machine the wall time is about half.
+    convert_cpu_s = time.process_time() - cpu
     run = {"name": args.name, "settings_diff": overrides, "calibration": calibration.summary() | {"ids": None},
-           "decode_s": round(decode_s, 1), "convert_s": round(convert_s, 1), "load_average": load_average(),
+           "decode_s": round(decode_s, 1), "convert_s": round(convert_s, 1),
+           "convert_cpu_s": round(convert_cpu_s, 1), "load_average": load_average(),
            "report": {k: v for k, v in result.report.items() if k != "layers"}}
     for group in groups:
         run[group], run[f"{group}_hypotheses"] = score(result.model, processor, groups[group], audio[group])
