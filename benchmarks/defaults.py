@@ -114,6 +114,8 @@ def main(argv=None):
     parser.add_argument("--synthetic-clips", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--force", action="store_true", help="redo a run already in the results")
+    parser.add_argument("--baseline-last", action="store_true",
+                        help="score the uncompressed model after the run (if no other run has by then)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -135,11 +137,19 @@ def main(argv=None):
     model = WhisperForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32).eval()
     groups = dev_groups(args.dev_dir, args.synthetic_clips)
     audio = {g: load_group(rows) for g, rows in groups.items()}
-    if "baseline" not in results:
-        results["baseline"] = {g: score(model, processor, groups[g], audio[g])[0] for g in groups}
-        logger.info("baseline: %s", {g: round(results["baseline"][g]["wer"], 2) for g in groups})
-        output.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1))  # kept even if the run below is interrupted
+
+    def ensure_baseline(results):
+        # Another run may have scored the baseline meanwhile: read the file again before scoring it here.
+        results = json.loads(path.read_text()) if path.is_file() else results
+        if "baseline" not in results:
+            results["baseline"] = {g: score(model, processor, groups[g], audio[g])[0] for g in groups}
+            logger.info("baseline: %s", {g: round(results["baseline"][g]["wer"], 2) for g in groups})
+            output.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(results, indent=1))  # kept even if the run below is interrupted
+        return results
+
+    if not args.baseline_last:
+        results = ensure_baseline(results)
 
     overrides = {}
     for item in args.set:
@@ -162,12 +172,12 @@ def main(argv=None):
            "report": {k: v for k, v in result.report.items() if k != "layers"}}
     for group in groups:
         run[group], run[f"{group}_hypotheses"] = score(result.model, processor, groups[group], audio[group])
+    results = ensure_baseline(results)
     base = results["baseline"]
     logger.info("%s: real %.2f (%+.1f%%), synthetic %.2f (%+.1f%%), convert %.0f s", args.name, run["real"]["wer"],
                 100 * (run["real"]["wer"] / base["real"]["wer"] - 1), run["synthetic"]["wer"],
                 100 * (run["synthetic"]["wer"] / base["synthetic"]["wer"] - 1), convert_s)
-    results = json.loads(path.read_text()) if path.is_file() else results  # other runs may have finished meanwhile
-    results.setdefault("baseline", base)
+    results = json.loads(path.read_text())  # other runs may have finished meanwhile
     results.setdefault("runs", {})[args.name] = run
     results["command"] = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     output.parent.mkdir(parents=True, exist_ok=True)
