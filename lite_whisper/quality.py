@@ -69,13 +69,14 @@ def greedy_transcripts(model, processor, audio, batch_size=8, max_new_tokens=128
     return texts
 
 
-def check_loops(model, processor, audio, ids, max_clips=6, window_s=30):
-    """Transcribe up to `max_clips` clips (their first 30 s) greedily and report the ones that loop.
+def check_loops(model, processor, audio, ids, max_clips=6, window_s=10, max_new_tokens=64):
+    """Transcribe up to `max_clips` clips (their first 10 s) greedily and report the ones that loop.
 
-    Returns {"clips": n, "looping": [...], "ok": bool}. Costs one encoder window and a short greedy decode per clip.
+    Returns {"clips": n, "looping": [...], "ok": bool}. Costs one encoder window and a short greedy decode per clip:
+    10 s of speech is about 40 tokens, so 64 tokens leave room for a loop to show without decoding to the limit.
     """
     clips = [a[: 16000 * window_s] for a in audio[:max_clips]]
-    texts = greedy_transcripts(model, processor, clips)
+    texts = greedy_transcripts(model, processor, clips, max_new_tokens=max_new_tokens)
     looping = looping_transcripts(ids[: len(clips)], texts)
     return {"clips": len(clips), "looping": looping, "ok": not looping}
 
