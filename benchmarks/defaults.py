@@ -81,15 +81,22 @@ def to_markdown(results):
         f"| whisper-base (uncompressed) | 100.0 | {base['real']['wer']:.2f} | – | {base['synthetic']['wer']:.2f} | – |"
         f" {len(base['real']['looping'])}/{len(base['synthetic']['looping'])} | – | – | – |",
     ]
+    def cell(run, group, what):
+        if group not in run:
+            return "not scored"
+        if what == "wer":
+            return f"{run[group]['wer']:.2f}"
+        return f"{100 * (run[group]['wer'] / base[group]['wer'] - 1):+.1f}%"
+
     for run in results["runs"].values():
         t = run["report"]["timings_s"]
-        rel = {g: 100 * (run[g]["wer"] / base[g]["wer"] - 1) for g in ("real", "synthetic")}
         stages = " / ".join(f"{t.get(k, 0):.0f}" for k in ("features_s", "statistics_s", "factorisation_s", "teacher_s",
                                                           "refinement_s"))
         lines.append(
-            f"| {run['name']} | {100 * run['report']['encoder_fraction']:.1f} | {run['real']['wer']:.2f} |"
-            f" {rel['real']:+.1f}% | {run['synthetic']['wer']:.2f} | {rel['synthetic']:+.1f}% |"
-            f" {len(run['real']['looping'])}/{len(run['synthetic']['looping'])} | {run['convert_s']:.0f}"
+            f"| {run['name']} | {100 * run['report']['encoder_fraction']:.1f} | {cell(run, 'real', 'wer')} |"
+            f" {cell(run, 'real', 'rel')} | {cell(run, 'synthetic', 'wer')} | {cell(run, 'synthetic', 'rel')} |"
+            f" {len(run.get('real', {}).get('looping', []))}/{len(run.get('synthetic', {}).get('looping', []))} |"
+            f" {run['convert_s']:.0f}"
             f" ({run.get('convert_cpu_s', float('nan')):.0f} CPU s) | {stages} |"
             f" {run['load_average']} |")
     notes = [
@@ -119,6 +126,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
     torch.set_num_threads(args.threads)
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
@@ -166,23 +174,27 @@ def main(argv=None):
     convert_s = time.perf_counter() - clock
     # CPU seconds of this process (all threads): on an otherwise idle 2-core machine the wall time is about half.
     convert_cpu_s = time.process_time() - cpu
-    run = {"name": args.name, "settings_diff": overrides, "calibration": calibration.summary() | {"ids": None},
+    run = {"name": args.name, "command": command, "settings_diff": overrides, "calibration": calibration.summary() | {"ids": None},
            "decode_s": round(decode_s, 1), "convert_s": round(convert_s, 1),
            "convert_cpu_s": round(convert_cpu_s, 1), "load_average": load_average(),
            "report": {k: v for k, v in result.report.items() if k != "layers"}}
-    for group in groups:
+
+    def save(run):
+        # After the conversion and after each group: a slow machine still leaves the numbers measured so far.
+        results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}  # other runs may have finished
+        results.setdefault("runs", {})[args.name] = run
+        output.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+        if "baseline" in results:
+            output.with_suffix(".md").write_text(to_markdown(results))
+        return results
+
+    save(run)
+    for group in groups:  # real speech first: it decides
         run[group], run[f"{group}_hypotheses"] = score(result.model, processor, groups[group], audio[group])
-    results = ensure_baseline(results)
-    base = results["baseline"]
-    logger.info("%s: real %.2f (%+.1f%%), synthetic %.2f (%+.1f%%), convert %.0f s", args.name, run["real"]["wer"],
-                100 * (run["real"]["wer"] / base["real"]["wer"] - 1), run["synthetic"]["wer"],
-                100 * (run["synthetic"]["wer"] / base["synthetic"]["wer"] - 1), convert_s)
-    results = json.loads(path.read_text())  # other runs may have finished meanwhile
-    results.setdefault("runs", {})[args.name] = run
-    results["command"] = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
-    output.with_suffix(".md").write_text(to_markdown(results))
+        logger.info("%s: %s WER %.2f", args.name, group, run[group]["wer"])
+        save(run)
+    results = ensure_baseline(save(run))
     print(to_markdown(results))
 
 
