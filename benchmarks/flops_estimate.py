@@ -36,7 +36,7 @@ def main():
     parser.add_argument("--model", default="large-v3", choices=sorted(SIZES))
     parser.add_argument("--frames", type=int, default=58624)
     parser.add_argument("--inputs", type=int, default=116)
-    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tflops", type=float, default=30.0)
     args = parser.parse_args()
