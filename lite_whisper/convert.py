@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE, AudioError, list_audio, load_audio
+from .common import PROCESSOR_FILES, ConversionError  # noqa: F401 (re-exported: lite_whisper.convert.ConversionError)
+from .common import DEFAULT_RANK_THRESHOLD, DEFAULT_TARGET_SIZE
 from .utils import check_output_dir, get_logger
 
 logger = get_logger(__name__)
@@ -23,17 +25,10 @@ logger = get_logger(__name__)
 DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "float32": "float32", "fp32": "float32",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DATASETS_HINT = 'pip install "lite-whisper[datasets]"'
-# Files that make up a Whisper processor (tokenizer + feature extractor), across transformers 4.x and 5.x.
-PROCESSOR_FILES = (
-    "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-    "merges.txt", "normalizer.json", "added_tokens.json", "special_tokens_map.json",
-)
 # What `snapshot_download` fetches for a Hub base model: config, weights, generation config, processor, card.
 BASE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "README.md"]
-
-
-class ConversionError(ValueError):
-    """A conversion request that cannot be carried out (bad option, wrong base model, no usable audio, ...)."""
+# Below this much calibration audio the converter warns (the statistics and the refinement then fit a few voices).
+SMALL_CALIBRATION_S = 180.0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -261,6 +256,20 @@ def load_calibration_audio(calibration=None, num_samples=100, seed=0):
     return result
 
 
+def warn_if_little_audio(calibration_audio, num_samples, minimum_s=SMALL_CALIBRATION_S):
+    """Warn when the calibration audio is short: the statistics and the refinement then fit a few voices."""
+    if calibration_audio.seconds >= minimum_s:
+        return False
+    more = (f"pass --calibration with more audio of your domain (a folder, manifest or dataset; at least"
+            f" {minimum_s / 60:.0f} minutes, ideally 10+)")
+    if calibration_audio.available > len(calibration_audio.audio) + len(calibration_audio.skipped):
+        more += f" or raise --num-calibration-samples (now {num_samples}; {calibration_audio.available} clips available)"
+    logger.warning("calibration: only %d clip(s), %.0f s of audio were used (%s); compression quality on other"
+                   " speech may suffer: %s", len(calibration_audio.audio), calibration_audio.seconds,
+                   calibration_audio.source, more)
+    return True
+
+
 def _decode_dataset_value(value):
     """One value of a dataset's audio column (decode=False dict, decoded dict, or path) -> 16 kHz mono float32."""
     import io
@@ -346,7 +355,7 @@ def convert(
     output_dir,
     calibration=None,
     num_calibration_samples=100,
-    rank_threshold="0.99:0.999",
+    rank_threshold=None,
     target_encoder_size=None,
     mode=None,
     refine_steps=None,
@@ -369,9 +378,10 @@ def convert(
         calibration: None (the bundled calibration set), a folder of audio, a manifest.jsonl, an audio file, or a
             Hugging Face dataset `name[:config]:split:column`.
         num_calibration_samples: at most this many calibration clips (default 100).
-        rank_threshold: "ATTENTION:MLP" explained-variance thresholds, or one value for both; each in (0, 1].
+        rank_threshold: "ATTENTION:MLP" explained-variance thresholds, or one value for both; each in (0, 1]: ranks
+            by the paper's threshold rule instead of a target size.
         target_encoder_size: fraction of the original encoder's parameters to keep, in (0, 1]; overrides the
-            thresholds.
+            thresholds. When neither is given: 0.8 (`DEFAULT_TARGET_SIZE`), the default everywhere.
         mode: "sequential" or "one-shot" calibration (None: the library default).
         refine_steps: steps of the label-free refinement (None: the library default; 0 disables it).
         dtype: dtype of the saved weights: float16 (default), bfloat16 or float32.
@@ -392,8 +402,13 @@ def convert(
     started = time.perf_counter()
     timings = {}
     # --- cheap checks first: nothing heavy runs and nothing is written until all of these pass ---
-    attention_threshold, mlp_threshold = parse_rank_threshold(rank_threshold)
+    attention_threshold, mlp_threshold = parse_rank_threshold(rank_threshold if rank_threshold is not None else
+                                                              DEFAULT_RANK_THRESHOLD)
     target = parse_target_size(target_encoder_size)
+    if target is None and rank_threshold is None:
+        target = DEFAULT_TARGET_SIZE
+    elif target is not None and rank_threshold is not None:
+        logger.warning("both a rank threshold and a target encoder size were given: the target size %g is used", target)
     dtype = parse_dtype(dtype)
     settings = _settings(attention_threshold, mlp_threshold, target, mode, refine_steps)
     output_dir = Path(output_dir).expanduser()
@@ -413,7 +428,8 @@ def convert(
 
     clock = time.perf_counter()
     calibration_audio = load_calibration_audio(calibration, num_calibration_samples)
-    timings["load_audio_s"] = time.perf_counter() - clock
+    warn_if_little_audio(calibration_audio, num_calibration_samples)
+    timings["decode_s"] = time.perf_counter() - clock
 
     # --- heavy work ---
     import torch
@@ -439,6 +455,22 @@ def convert(
                       progress=progress)
     timings["compress_s"] = time.perf_counter() - clock
     del model
+
+    # A compressed encoder that is too weak makes the decoder loop; say so rather than write it as a success.
+    clock = time.perf_counter()
+    from transformers import WhisperProcessor
+
+    from .quality import check_loops
+
+    quality = check_loops(result.model, WhisperProcessor.from_pretrained(str(processor_folder)), calibration_audio.audio,
+                          calibration_audio.ids)
+    result.report["quality_check"] = quality
+    if not quality["ok"]:
+        logger.warning(
+            "the compressed model LOOPS on %d of %d calibration clips (%s): it is too compressed for this audio; use a"
+            " larger --target-encoder-size, more refinement steps or more calibration audio",
+            len(quality["looping"]), quality["clips"], "; ".join(f"{x['id']}: {x['loop']}" for x in quality["looping"]))
+    timings["quality_check_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     info = {

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .convert import PROCESSOR_FILES, ConversionError
+from .common import DEFAULT_TARGET_SIZE, PROCESSOR_FILES, ConversionError
 from .utils import OUTPUT_MARKER, atomic_output_dir, get_logger
 
 logger = get_logger(__name__)
@@ -188,7 +188,8 @@ def model_card(report, repo_name=None, title=None):
     before, after = report["encoder_params_before"], report["encoder_params_after"]
     settings = report.get("settings", {})
     if report.get("target_size") is not None:
-        how = f"a target encoder size of {report['target_size']:g} of the original parameters"
+        how = f"a target encoder size of {report['target_size']:g} of the original parameters" + (
+            " (the lite-whisper default)" if report["target_size"] == DEFAULT_TARGET_SIZE else "")
     else:
         thresholds = report.get("thresholds") or {}
         how = f"explained-variance thresholds {thresholds.get('attention')}:{thresholds.get('mlp')} (attention:MLP)"

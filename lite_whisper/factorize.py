@@ -1,9 +1,10 @@
-"""Turning a Whisper model plus per-projection factors into a LiteWhisper model."""
+"""Factorisation: PCA factors of one projection, and a Whisper model plus per-projection factors -> LiteWhisper."""
 
 import copy
 
 import torch
 
+from .common import ATTENTION_KEYS
 from .configuration_lite_whisper import LOW_RANK_KEYS, LiteWhisperConfig, projection_shape
 from .modeling_lite_whisper import LiteWhisperForConditionalGeneration, LowRankLinear, encoder_projection
 
@@ -117,4 +118,43 @@ def exact_factors(model, rank=None):
     return factors
 
 
-__all__ = ["build_lite_whisper", "factors_from_svd", "exact_factors", "dense_weight", "lite_config_from"]
+def low_rank_factors(weight, bias, spectrum, rank):
+    """Factors of y = x W^T + b projected onto the top-`rank` principal subspace of its outputs.
+
+    weight is (out x in) as nn.Linear stores it; bias may be None (k_proj). With per-channel scale s (ones for the
+    paper's method) the projection is oblique: y ~= mu + (y - mu) S^-1 V_k V_k^T S with S = diag(s), so
+        weight1 = W^T S^-1 V_k (in x k),  weight2 = V_k^T S (k x out),  bias = mu + (b - mu) S^-1 V_k V_k^T S.
+    Returns float32 tensors on the weight's device.
+    """
+    device = weight.device
+    v = spectrum.eigenvectors[:, :rank].to(device=device, dtype=torch.float64)
+    scale = spectrum.scale.to(device=device, dtype=torch.float64)
+    mean = spectrum.mean.to(device=device, dtype=torch.float64)
+    w = weight.detach().to(torch.float64).t()  # in x out
+    b = torch.zeros(w.shape[1], dtype=torch.float64, device=device) if bias is None else bias.detach().to(torch.float64)
+    down = v / scale[:, None]  # S^-1 V_k  (out x k)
+    up = v.t() * scale[None, :]  # V_k^T S  (k x out)
+    weight1 = w @ down
+    weight2 = up
+    new_bias = mean + ((b - mean) @ down) @ up
+    return weight1.float().contiguous(), weight2.float().contiguous(), new_bias.float().contiguous()
+
+
+def _low_rank_module(weight1, weight2, bias):
+    in_features, rank = weight1.shape
+    out_features = weight2.shape[1]
+    module = LowRankLinear(in_features, out_features, rank, device=weight1.device, dtype=weight1.dtype)
+    with torch.no_grad():
+        module.weight1.copy_(weight1)
+        module.weight2.copy_(weight2)
+        module.bias.copy_(bias)
+    return module
+
+
+def _set_projection(layer, key, module):
+    parent = layer.self_attn if key in ATTENTION_KEYS else layer
+    setattr(parent, key, module)
+
+
+__all__ = ["build_lite_whisper", "factors_from_svd", "exact_factors", "dense_weight", "lite_config_from",
+           "low_rank_factors"]

@@ -284,7 +284,7 @@ def test_calibration_error_when_rank_needs_more_frames(whisper_base, clips):
     short = [clips[0][:16000]]  # 1 s: 50 speech frames; a 0.9999 threshold asks for rank 64 in layer 0
     with pytest.raises(CalibrationError, match="needs more than"):
         compress(model, short, processor.feature_extractor,
-                 CompressionSettings(attention_threshold=0.9999, mode="one-shot", refine_steps=0), device="cpu",
+                 CompressionSettings(attention_threshold=0.9999, target_size=None, mode="one-shot", refine_steps=0), device="cpu",
                  progress=False)
 
 
@@ -348,7 +348,8 @@ def test_compress_end_to_end(whisper_base, clips, tmp_path):
 @pytest.mark.slow
 def test_compress_thresholds_without_refinement(whisper_base, clips):
     model, processor = whisper_base
-    settings = CompressionSettings(attention_threshold=0.9, mlp_threshold=0.95, mode="one-shot", refine_steps=0)
+    settings = CompressionSettings(attention_threshold=0.9, mlp_threshold=0.95, target_size=None, mode="one-shot",
+                                   refine_steps=0)
     result = compress(model, clips, processor.feature_extractor, settings, device="cpu", progress=False)
     _check_model_matches_config(result.model)
     for layer in result.report["layers"]:

@@ -1,0 +1,92 @@
+"""Label-free refinement: distil the low-rank factors toward the original encoder's outputs.
+
+The teacher's outputs are computed once, on exactly the tensors the student is trained on (the calibration batches,
+cropped and augmented the same way), so teacher and student always see the same input.
+"""
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .calibration import _encoder_forward
+from .modeling_lite_whisper import LowRankLinear
+
+
+def _trainable(encoder, layer_norms):
+    params = []
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    for module in encoder.modules():
+        if isinstance(module, LowRankLinear) or (layer_norms and isinstance(module, nn.LayerNorm)):
+            for p in module.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+    return params
+
+
+def lr_factor(step, steps, warmup):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def frame_loss(output, target, speech, speech_share):
+    """MSE of the last hidden state; with `speech_share` s, speech frames weigh s and padding frames 1 - s.
+
+    The decoder attends to every frame, padding included, so padding frames are never left out; but a short clip is
+    mostly padding, and without the split its speech frames would hardly count.
+    """
+    if speech_share is None:
+        return nn.functional.mse_loss(output, target)
+    error = ((output - target) ** 2).mean(dim=-1)
+    if not (~speech).any() or not speech.any():
+        return error.mean()
+    return speech_share * error[speech].mean() + (1 - speech_share) * error[~speech].mean()
+
+
+def refine_encoder(encoder, batches, targets, settings, device, progress=True):
+    """Distil the low-rank factors and biases of `encoder` toward `targets` (the original encoder's outputs).
+
+    `batches` are `CalibrationBatch`es and `targets[i]` the original encoder's last hidden state on `batches[i]`.
+    Only LowRankLinear parameters (and, with `settings.refine_layer_norms`, layer norms) are trained. Each step takes
+    the next batch of a seeded shuffled order. Returns (initial loss, final loss) as running averages over the first
+    and last 10% of steps.
+    """
+    from tqdm.auto import tqdm
+
+    params = _trainable(encoder, settings.refine_layer_norms)
+    if not params or not batches:
+        return None, None
+    steps = settings.refine_steps
+    warmup = min(settings.refine_warmup_steps, steps // 4)
+    optimizer = torch.optim.AdamW(params, lr=settings.refine_lr, weight_decay=settings.refine_weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup))
+    generator = torch.Generator().manual_seed(settings.seed)
+    order, cursor = [], 0
+    losses = []
+    encoder.train(False)  # dropout stays off: Whisper's is 0 anyway, and the targets come from eval mode
+    with torch.enable_grad():
+        for _step in tqdm(range(steps), desc="refine", unit="step", disable=not progress):
+            if cursor >= len(order):
+                order, cursor = torch.randperm(len(batches), generator=generator).tolist(), 0
+            index = order[cursor]
+            cursor += 1
+            batch = batches[index]
+            output = _encoder_forward(encoder, batch.features.to(device))
+            loss = frame_loss(output, targets[index].to(device), batch.speech.to(device), settings.refine_speech_share)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    window = max(1, steps // 10)
+    return float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
+
+
+__all__ = ["refine_encoder", "frame_loss", "lr_factor"]
