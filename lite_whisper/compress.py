@@ -66,10 +66,10 @@ class CompressionSettings:
 
     The defaults are what measured best on whisper-base with real speech deciding (benchmarks/results/defaults.md):
     80% of the encoder's parameters spread over all projections by explained variance, one-shot statistics from
-    speech frames, and a label-free refinement on crops of the calibration inputs (speech plus a share of
-    Whisper's padding) instead of full 30 s windows, about a quarter of the cost per step. 200 steps at lr 2e-4 as
-    measured on full windows; a 48-step schedule at lr 1e-3 (what fits 5 minutes on 2 CPU cores) measured far worse
-    on real speech (+430% relative WER at 0.8), so speed did not win over accuracy.
+    speech frames, and a label-free refinement on full 30 s windows, 200 steps at lr 2e-4 (as measured in pareto.md).
+    Refinement on crops of the inputs (speech plus a share of Whisper's padding; `crop_padding`, `piece_s`) costs
+    about a quarter per step but measured +194% relative WER on real speech at 0.8, and a 48-step schedule +430%,
+    so neither is the default: speed did not win over accuracy.
 
     Args:
         attention_threshold: explained-variance threshold for q_proj, k_proj, v_proj and out_proj, in (0, 1]; used
@@ -119,8 +119,10 @@ class CompressionSettings:
     refine_weight_decay: float = 0.0
     refine_speech_share: float | None = 0.5
     refine_layer_norms: bool = False
-    crop_padding: float | None = 0.25
-    piece_s: float | None = 10.0
+    # Crops (0.25, 10 s) cost about a quarter per refinement step but measured +194 % relative WER on real speech at
+    # 0.8 (benchmarks/results/defaults.md); the default stays on full 30 s windows until crops measure as well.
+    crop_padding: float | None = None
+    piece_s: float | None = None
     augmentations: tuple = ()
     augment_copies: int = 0
     budget_rule: str = "variance"
