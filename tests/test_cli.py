@@ -139,6 +139,8 @@ def test_flags_are_consistent_and_old_spellings_still_work():
 
 
 def test_shown_compression_defaults_are_the_library_defaults():
+    from lite_whisper.common import DEFAULT_TARGET_SIZE
+
     from lite_whisper.cli import SHOWN_DEFAULTS
     from lite_whisper.compress import CompressionSettings
 
@@ -149,7 +151,10 @@ def test_shown_compression_defaults_are_the_library_defaults():
 
     convert = _parser(add_convert_arguments)
     args = convert.parse_args(["--base-model", "b", "--output-dir", "o"])
-    assert args.rank_threshold == (defaults["attention_threshold"], defaults["mlp_threshold"])
+    # The default is a target size; --rank-threshold (the paper's rule) is off unless given.
+    assert args.rank_threshold is None and args.target_encoder_size is None
+    assert defaults["target_size"] == DEFAULT_TARGET_SIZE
+    assert f"default: {DEFAULT_TARGET_SIZE}" in convert.format_help().replace("\n", " ").replace("  ", " ")
 
 
 def test_import_lite_whisper_still_registers_the_classes():
