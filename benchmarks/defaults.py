@@ -62,14 +62,9 @@ def load_average():
 
 
 def parse_value(value):
-    if value in ("None", "none"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
+    from pareto import type_of  # benchmarks/ is on sys.path when this runs as a script
+
+    return None if value in ("None", "none") else type_of(value)
 
 
 def to_markdown(results):
