@@ -438,8 +438,13 @@ def _rttm_speakers(text, uri, begin_s, end_s):
 def build_calibration(sources, out, items=CALIBRATION):
     folder = out / "calibration"
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.flac"):
-        old.unlink()
+    # Remove only the clips an earlier build listed in its manifest: never other files in a folder given as --out.
+    manifest = folder / "manifest.jsonl"
+    if manifest.is_file():
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            name = json.loads(line)["audio"] if line.strip() else None
+            if name and "/" not in name and name.endswith(".flac") and (folder / name).is_file():
+                (folder / name).unlink()
     rows, counter = [], [0]
     gap = np.zeros(int(0.5 * RATE), dtype=np.float32)
     for item in items:
