@@ -247,7 +247,7 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
         while cur_len < max_length:
             # The host runs up to STOP_CHECK_LAG steps ahead of the GPU; steps queued after every row finished
             # only append padding, and the output is cut at the recorded length.
-            pending.append(state.finished_flag(len(pending)))
+            pending.append(state.finished_flag())
             if len(pending) > STOP_CHECK_LAG:
                 if pending.pop(0)():
                     break
@@ -335,9 +335,8 @@ class _Program:
             if part is None:
                 _say_once("fast generation: %s runs eagerly between graph steps", type(p).__name__)
                 signature = ("hybrid", tuple(plan.eos), pad_id)
-                program = cls(signature, [], processors, plan, pad_id, None, state)
-                program.eager = processors  # processors may hold per-call state: never reuse this object's list
-                return program
+                # Not cached: the processors may hold per-call state (e.g. the no-speech detector's inputs).
+                return cls(signature, [], processors, plan, pad_id, None, state)
             parts.append(part)
         signature = (tuple(parts), tuple(plan.eos), pad_id)
         cached = state.programs.get(signature)
@@ -664,7 +663,7 @@ class _DecoderState:
     def release(self):
         self.program = None
 
-    def finished_flag(self, _unused=None):
+    def finished_flag(self):
         """A callable that tells (waiting for the GPU to get there) whether every row had finished at this point."""
         if not self.cuda:
             done = bool(self.done_len.item() > 0)
