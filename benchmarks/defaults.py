@@ -8,6 +8,11 @@ whisper-base is scored once and kept in the results file as the reference.
     python benchmarks/defaults.py --name default-t0.8 --set target_size=0.8
     python benchmarks/defaults.py --name crop-off --set target_size=0.8 crop_padding=None
     python benchmarks/defaults.py --name aug --set augmentations=speed,noise augment_copies=1
+    python benchmarks/defaults.py --plan benchmarks/defaults_plan.json --device cuda --output OUT/defaults_gpu
+
+A plan is a JSON list of runs, {"name": ..., "set": {field: value}, "calibration": path or null}, converted and
+scored one after the other in one process (on a GPU a whole-window conversion takes seconds, so a plan sweeps the
+levers that decide the CPU defaults; their CPU cost is timed separately with --device cpu).
 
 Each run adds one entry to OUTPUT.json (settings, stage timings, machine load, WER per group, loops found,
 hypotheses) and rewrites OUTPUT.md. A run whose name is already in OUTPUT.json is skipped (resume), unless --force.
@@ -27,12 +32,12 @@ DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "eval" / "dev"
 logger = logging.getLogger("defaults")
 
 
-def dev_groups(dev_dir=DEV, synthetic_clips=60):
+def dev_groups(dev_dir=DEV, synthetic_clips=60, synthetic_stride=3):
     from lite_whisper.audio import list_audio
 
     rows = [r for r in list_audio(dev_dir) if not r.get("long_form")]
     real = [r for r in rows if r["id"].startswith("real_")]
-    synthetic = [r for r in rows if not r["id"].startswith("real_")][::3][:synthetic_clips]
+    synthetic = [r for r in rows if not r["id"].startswith("real_")][::synthetic_stride][:synthetic_clips]
     return {"real": real, "synthetic": synthetic}
 
 
@@ -107,18 +112,24 @@ def to_markdown(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", required=True)
+    parser.add_argument("--name", help="name of the run (required without --plan)")
+    parser.add_argument("--plan", help="JSON list of runs: {name, set, calibration}")
+    parser.add_argument("--device", default="cpu", help="where conversion and scoring run (cpu, cuda)")
     parser.add_argument("--set", nargs="*", default=[], help="CompressionSettings fields, key=value")
     parser.add_argument("--calibration", default=None, help="calibration source (default: the bundled set)")
     parser.add_argument("--num-calibration-samples", type=int, default=100)
     parser.add_argument("--output", default="benchmarks/results/defaults", help="path without suffix")
     parser.add_argument("--dev-dir", default=str(DEV))
     parser.add_argument("--synthetic-clips", type=int, default=60)
+    parser.add_argument("--synthetic-stride", type=int, default=3,
+                        help="every n-th synthetic short clip (1 for a copy that holds only the scored clips)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--force", action="store_true", help="redo a run already in the results")
     parser.add_argument("--baseline-last", action="store_true",
                         help="score the uncompressed model after the run (if no other run has by then)")
     args = parser.parse_args(argv)
+    if not args.plan and not args.name:
+        parser.error("give --name (one run) or --plan (several)")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     command = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
@@ -132,65 +143,84 @@ def main(argv=None):
     output = Path(args.output)
     path = output.with_suffix(".json")
     results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
-    if args.name in results["runs"] and not args.force:
-        print(f"{args.name}: already in {path}")
+    if args.plan:
+        plan = json.loads(Path(args.plan).read_text())
+    else:
+        plan = [{"name": args.name, "set": {k: parse_value(v) for k, v in (i.split("=", 1) for i in args.set)},
+                 "calibration": args.calibration}]
+    todo = [p for p in plan if args.force or p["name"] not in results["runs"]]
+    for p in plan:
+        if p not in todo:
+            print(f"{p['name']}: already in {path}")
+    if not todo:
         return
+    device = torch.device(args.device)
     base_path = whisper_base_path()
     processor = WhisperProcessor.from_pretrained(base_path)
     model = WhisperForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32).eval()
-    groups = dev_groups(args.dev_dir, args.synthetic_clips)
+    groups = dev_groups(args.dev_dir, args.synthetic_clips, args.synthetic_stride)
     audio = {g: load_group(rows) for g, rows in groups.items()}
+    dev_ids = {r["id"] for rows in groups.values() for r in rows}
 
     def ensure_baseline(results):
         # Another run may have scored the baseline meanwhile: read the file again before scoring it here.
         results = json.loads(path.read_text()) if path.is_file() else results
         if "baseline" not in results:
-            results["baseline"] = {g: score(model, processor, groups[g], audio[g])[0] for g in groups}
+            scored = model.to(device)
+            results["baseline"] = {g: score(scored, processor, groups[g], audio[g])[0] for g in groups}
+            model.to("cpu")
             logger.info("baseline: %s", {g: round(results["baseline"][g]["wer"], 2) for g in groups})
             output.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=1))  # kept even if the run below is interrupted
         return results
 
-    if not args.baseline_last:
-        results = ensure_baseline(results)
-
-    overrides = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        overrides[key] = parse_value(value)
-    settings = CompressionSettings(**overrides)
-    clock, cpu = time.perf_counter(), time.process_time()
-    calibration = load_calibration_audio(args.calibration, args.num_calibration_samples)
-    decode_s = time.perf_counter() - clock
-    dev_ids = {r["id"] for rows in groups.values() for r in rows}
-    if set(calibration.ids) & dev_ids:
-        raise SystemExit("calibration audio overlaps the scored dev clips")
-    result = compress(model, calibration.audio, processor.feature_extractor, settings, device="cpu")
-    convert_s = time.perf_counter() - clock
-    # CPU seconds of this process (all threads): on an otherwise idle 2-core machine the wall time is about half.
-    convert_cpu_s = time.process_time() - cpu
-    run = {"name": args.name, "command": command, "settings_diff": overrides, "calibration": calibration.summary() | {"ids": None},
-           "decode_s": round(decode_s, 1), "convert_s": round(convert_s, 1),
-           "convert_cpu_s": round(convert_cpu_s, 1), "load_average": load_average(),
-           "report": {k: v for k, v in result.report.items() if k != "layers"}}
-
     def save(run):
         # After the conversion and after each group: a slow machine still leaves the numbers measured so far.
         results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}  # other runs may have finished
-        results.setdefault("runs", {})[args.name] = run
+        results.setdefault("runs", {})[run["name"]] = run
         output.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
         if "baseline" in results:
             output.with_suffix(".md").write_text(to_markdown(results))
         return results
 
-    save(run)
-    for group in groups:  # real speech first: it decides
-        run[group], run[f"{group}_hypotheses"] = score(result.model, processor, groups[group], audio[group])
-        logger.info("%s: %s WER %.2f", args.name, group, run[group]["wer"])
+    if not args.baseline_last:
+        results = ensure_baseline(results)
+
+    for item in todo:
+        overrides = dict(item.get("set", {}))
+        settings = CompressionSettings(**overrides)
+        clock, cpu = time.perf_counter(), time.process_time()
+        calibration = load_calibration_audio(item.get("calibration"), args.num_calibration_samples)
+        decode_s = time.perf_counter() - clock
+        if set(calibration.ids) & dev_ids:
+            raise SystemExit("calibration audio overlaps the scored dev clips")
+        result = compress(model, calibration.audio, processor.feature_extractor, settings, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        convert_s = time.perf_counter() - clock
+        # CPU seconds of this process (all threads): on an otherwise idle 2-core machine the wall time is about half.
+        convert_cpu_s = time.process_time() - cpu
+        run = {"name": item["name"], "command": command, "device": _device_name(device), "settings_diff": overrides,
+               "calibration": calibration.summary() | {"ids": None},
+               "decode_s": round(decode_s, 1), "convert_s": round(convert_s, 1),
+               "convert_cpu_s": round(convert_cpu_s, 1), "load_average": load_average(),
+               "report": {k: v for k, v in result.report.items() if k != "layers"}}
         save(run)
+        lite = result.model.to(device)
+        for group in groups:  # real speech first: it decides
+            run[group], run[f"{group}_hypotheses"] = score(lite, processor, groups[group], audio[group])
+            logger.info("%s: %s WER %.2f", item["name"], group, run[group]["wer"])
+            save(run)
+        del lite, result
     results = ensure_baseline(save(run))
     print(to_markdown(results))
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

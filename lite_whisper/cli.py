@@ -25,7 +25,11 @@ logger = get_logger(__name__)
 # Defaults of the compression options, shown in --help. They are the defaults of
 # lite_whisper.compress.CompressionSettings (importing which would import torch); tests/test_cli.py checks that they
 # agree. The options themselves default to None, which means "the library default".
-SHOWN_DEFAULTS = {"mode": "one-shot", "refine_steps": 200}
+SHOWN_DEFAULTS = {"mode": "one-shot", "refine_steps": None}
+# How refine_steps=None resolves (lite_whisper.compress.AUTO_REFINE_BELOW / AUTO_REFINE_STEPS; test_cli checks).
+AUTO_REFINE_BELOW, AUTO_REFINE_STEPS = 0.75, 400
+REFINE_DEFAULT_TEXT = (f"default: 0 at --target-encoder-size {AUTO_REFINE_BELOW} and above or with --rank-threshold,"
+                       f" {AUTO_REFINE_STEPS} below")
 DTYPE_CHOICES = ("float16", "bfloat16", "float32")
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 
@@ -142,7 +146,7 @@ def add_convert_arguments(parser):
     parser.add_argument("--mode", choices=("sequential", "one-shot"), default=None,
                         help=f"calibration mode (default: {SHOWN_DEFAULTS['mode']})")
     parser.add_argument("--refine-steps", type=_int_at_least(0), default=None, metavar="N",
-                        help=f"label-free refinement steps; 0 disables it (default: {SHOWN_DEFAULTS['refine_steps']})")
+                        help=f"label-free refinement steps; 0 disables it ({REFINE_DEFAULT_TEXT})")
     parser.add_argument("--save-dtype", type=dtype_name, choices=DTYPE_CHOICES, default="float16",
                         help="dtype of the saved weights; loading on CPU upcasts to float32 unless asked otherwise"
                              " (default: %(default)s)")
@@ -275,11 +279,6 @@ def run_eval(args):
 # --------------------------------------------------------------------------------------------------------------
 
 
-# With --refine-steps 0 the demo compresses less: unrefined PCA factors of whisper-base loop below this size
-# (measured: 0.9 looped on 2 of 6 calibration clips; see benchmarks/results/demo.md).
-UNREFINED_DEMO_TARGET = 0.95
-
-
 def add_demo_arguments(parser):
     parser.add_argument("--output-dir", default="lite-whisper-base-demo",
                         help="where to write the compressed model (default: %(default)s)")
@@ -287,9 +286,7 @@ def add_demo_arguments(parser):
                         help="replace --output-dir if it holds an earlier lite-whisper output and nothing else"
                              " (default: off)")
     parser.add_argument("--refine-steps", type=_int_at_least(0), default=None, metavar="N",
-                        help="refinement steps; 0 is quickest and then compresses only to"
-                             f" {UNREFINED_DEMO_TARGET} unless --target-encoder-size is given"
-                             f" (default: {SHOWN_DEFAULTS['refine_steps']})")
+                        help=f"refinement steps; 0 disables it ({REFINE_DEFAULT_TEXT})")
     parser.add_argument("--rank-threshold", type=_rank_threshold, default=None, metavar="A:M",
                         help="rank by explained-variance thresholds ATTENTION:MLP instead of a target size"
                              " (default: none)")
@@ -316,10 +313,6 @@ def run_demo(args):
             f" ({error})"
         ) from error
     target = args.target_encoder_size
-    if args.refine_steps == 0 and target is None and args.rank_threshold is None:
-        target = UNREFINED_DEMO_TARGET
-        print(f"--refine-steps 0: without refinement whisper-base loops at the default size; compressing to"
-              f" {target:g} of its encoder instead")
     print(f"1/3 compressing whisper-base ({base}) on the bundled calibration audio -> {args.output_dir}")
     folder = convert(
         base, args.output_dir, rank_threshold=args.rank_threshold, target_encoder_size=target,

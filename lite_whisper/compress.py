@@ -19,14 +19,17 @@ What this module adds to the paper, each measured on whisper-base (see `benchmar
   87% padding) -- `statistics_frames`;
 * ranks can be chosen in a per-channel-scaled space (`channel_scale_power`): on small models a few output channels
   can hold nearly all of a projection's variance (whisper-base layer 3 fc2, channel 388: 99% of it), and an energy
-  threshold on raw variance then keeps almost nothing of the other channels (measured: no better than raw
-  variance once refined, so off by default);
+  threshold on raw variance then keeps almost nothing of the other channels. Sensitivity runs on real speech
+  (benchmarks/sensitivity.py) found that layer the main source of error; half-standardising (power 0.5, the
+  default) took whisper-base at 0.8 from 15.9 to 12.6 real-speech WER;
 * sequential calibration (layer i sees the audio through layers 0..i-1 already compressed), or the paper's one-shot;
 * a parameter budget (`target_size`) spread over all layers and projections by maximising the total explained
   variance (a Lagrangian relaxation of the knapsack, then a greedy fill);
-* a label-free refinement: a short distillation of the low-rank factors and biases toward the original encoder's
-  last hidden state on the calibration audio, the loss split between speech and padding frames. This is what
-  makes small models work: without it whisper-base collapses into repetition loops below ~90% of its encoder.
+* label-free augmentation of the calibration audio (speed and noise; the original encoder labels any input);
+* a label-free refinement: a distillation of the low-rank factors and biases toward the original encoder's last
+  hidden state on the calibration audio, the loss split between speech and padding frames. At 0.8 it lowered its
+  loss but not the real-speech WER, so by default it runs only below 0.75, where it keeps whisper-base from
+  collapsing into repetition loops.
 """
 
 import copy
@@ -49,7 +52,7 @@ from .modeling_lite_whisper import LowRankLinear, encoder_parameter_report, enco
 from .ranks import (
     allocate_ranks, allocate_ranks_by_threshold, choose_rank, dense_params, low_rank_params, saving_rank_limit,
 )
-from .refine import refine_encoder
+from .refine import decoder_metric, refine_encoder, standardizing_metric
 from .statistics import Spectrum, StreamingStatistics, explained_variance, records_inputs, spectrum_from_statistics
 from .utils import get_logger
 
@@ -58,18 +61,28 @@ logger = get_logger(__name__)
 MODES = ("sequential", "one-shot")
 STATISTICS_FRAMES = ("speech", "all")
 BUDGET_RULES = ("variance", "threshold")
+REFINE_PRECISIONS = ("float32", "bfloat16")
+REFINE_LOSSES = ("mse", "decoder", "standardized")
+# Below this target size the default refines (AUTO_REFINE_STEPS steps); at and above it, refinement did not lower
+# real-speech WER (see CompressionSettings).
+AUTO_REFINE_BELOW = 0.75
+AUTO_REFINE_STEPS = 400
 
 
 @dataclass
 class CompressionSettings:
     """How `compress` chooses ranks, gathers statistics and refines.
 
-    The defaults are what measured best on whisper-base with real speech deciding (benchmarks/results/defaults.md):
-    80% of the encoder's parameters spread over all projections by explained variance, one-shot statistics from
-    speech frames, and a label-free refinement on full 30 s windows, 200 steps at lr 2e-4 (as measured in pareto.md).
-    Refinement on crops of the inputs (speech plus a share of Whisper's padding; `crop_padding`, `piece_s`) costs
-    about a quarter per step but measured +194% relative WER on real speech at 0.8, and a 48-step schedule +430%,
-    so neither is the default: speed did not win over accuracy.
+    The defaults are what measured best on the real human speech of the dev set (benchmarks/results/defaults_gpu.md,
+    whisper-base, 99 real clips, uncompressed 9.15 WER): 80% of the encoder's parameters spread over all projections
+    by explained variance in a half-standardised output space (`channel_scale_power` 0.5: whisper-base's layer-3 fc2
+    has one output channel holding 99% of the raw variance, and raw PCA kept that channel and little else: 15.9 WER
+    at 0.8, 12.6 with the scaling), one-shot statistics from speech frames of the bundled clips plus one speed- and
+    noise-perturbed copy of each (11.2-11.7 over three seeds, +22% to +28%), and no refinement at 0.8 and above:
+    the label-free refinement lowered its loss but not the real-speech WER there (200 steps: 15.8, 800: 15.0, vs
+    15.9 without), while below 0.75 it is what keeps the model from looping (0.5 without refinement: 71-147 WER;
+    400 steps at lr 1e-4: 31.3), so `refine_steps=None` means 0 at `AUTO_REFINE_BELOW` and above, else
+    `AUTO_REFINE_STEPS`.
 
     Args:
         attention_threshold: explained-variance threshold for q_proj, k_proj, v_proj and out_proj, in (0, 1]; used
@@ -79,7 +92,8 @@ class CompressionSettings:
             over all layers and projections to fit it. None chooses ranks by the thresholds (the paper's rule).
         mode: "sequential" (layer i is calibrated on the outputs of the already compressed layers 0..i-1) or
             "one-shot" (every layer on the original encoder, as in the paper).
-        refine_steps: optimisation steps of the label-free refinement; 0 disables it.
+        refine_steps: optimisation steps of the label-free refinement; 0 disables it; None (default) chooses by size:
+            0 when `target_size` is None or at least `AUTO_REFINE_BELOW`, else `AUTO_REFINE_STEPS`.
         refine_batch_size: inputs per batch; statistics, teacher outputs and refinement steps share the batches.
         refine_lr: peak AdamW learning rate of the refinement (after a linear warm-up, then cosine decay).
         refine_warmup_steps: linear warm-up steps (at most a quarter of the steps).
@@ -87,6 +101,11 @@ class CompressionSettings:
         refine_speech_share: None weighs every frame alike in the refinement loss; a share s in (0, 1) gives
             the speech frames weight s and Whisper's padding frames 1 - s.
         refine_layer_norms: also train the encoder's layer norms during refinement.
+        refine_loss: how the refinement measures the error of the last hidden state: "mse" (every channel alike),
+            "decoder" (as the decoder's cross-attention keys and values read it; `refine.decoder_metric`) or
+            "standardized" (each channel divided by its standard deviation).
+        refine_precision: "float32", or "bfloat16" to run the refinement's forward and backward passes under
+            bfloat16 autocast (weights, optimiser and loss stay float32).
         crop_padding: None runs every input as Whisper's full 30 s window; a share p keeps only the speech frames plus
             max(64, p * speech) frames of the padding after them (see `calibration.crop_length`), for statistics,
             teacher and refinement alike.
@@ -110,24 +129,24 @@ class CompressionSettings:
     mlp_threshold: float = 0.999
     target_size: float | None = DEFAULT_TARGET_SIZE
     mode: str = "one-shot"
-    # 48 steps at lr 1e-3 on crops measured +430% real-speech WER at 0.8 (undertrained; benchmarks/results/
-    # defaults.md): the default keeps the schedule that measured well on full windows (pareto.md, levers.md).
-    refine_steps: int = 200
+    refine_steps: int | None = None
     refine_batch_size: int = 4
-    refine_lr: float = 2e-4
+    refine_lr: float = 1e-4
     refine_warmup_steps: int = 10
     refine_weight_decay: float = 0.0
     refine_speech_share: float | None = 0.5
     refine_layer_norms: bool = False
+    refine_precision: str = "float32"
+    refine_loss: str = "mse"
     # Crops (0.25, 10 s) cost about a quarter per refinement step but measured +194 % relative WER on real speech at
     # 0.8 (benchmarks/results/defaults.md); the default stays on full 30 s windows until crops measure as well.
     crop_padding: float | None = None
     piece_s: float | None = None
-    augmentations: tuple = ()
-    augment_copies: int = 0
+    augmentations: tuple = ("speed", "noise")
+    augment_copies: int = 1
     budget_rule: str = "variance"
     statistics_frames: str = "speech"
-    channel_scale_power: float = 0.0
+    channel_scale_power: float = 0.5
     rank_multiple: int = RANK_MULTIPLE
     seed: int = 0
 
@@ -145,6 +164,9 @@ class CompressionSettings:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.statistics_frames not in STATISTICS_FRAMES:
             raise ValueError(f"statistics_frames must be one of {', '.join(STATISTICS_FRAMES)}, got {self.statistics_frames!r}")
+        if self.refine_steps is None:
+            small = self.target_size is not None and float(self.target_size) < AUTO_REFINE_BELOW
+            self.refine_steps = AUTO_REFINE_STEPS if small else 0
         for name in ("refine_steps", "refine_warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -168,6 +190,10 @@ class CompressionSettings:
             raise ValueError(f"refine_weight_decay must be non-negative, got {self.refine_weight_decay!r}")
         if self.refine_speech_share is not None and not 0.0 < self.refine_speech_share < 1.0:
             raise ValueError(f"refine_speech_share must be None or in (0, 1), got {self.refine_speech_share!r}")
+        if self.refine_loss not in REFINE_LOSSES:
+            raise ValueError(f"refine_loss must be one of {', '.join(REFINE_LOSSES)}, got {self.refine_loss!r}")
+        if self.refine_precision not in REFINE_PRECISIONS:
+            raise ValueError(f"refine_precision must be one of {', '.join(REFINE_PRECISIONS)}, got {self.refine_precision!r}")
         if self.budget_rule not in BUDGET_RULES:
             raise ValueError(f"budget_rule must be one of {', '.join(BUDGET_RULES)}, got {self.budget_rule!r}")
         if not 0.0 <= self.channel_scale_power <= 1.0:
@@ -407,7 +433,10 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
         for i, layer in enumerate(student.layers):
             apply(layer, i, [key for key in LOW_RANK_KEYS if not isinstance(encoder_projection(layer, key), LowRankLinear)])
         clock = time.perf_counter()
-        initial, final = refine_encoder(student, batches, teacher, settings, device, progress)
+        metric = {"mse": None, "decoder": lambda: decoder_metric(model),
+                  "standardized": lambda: standardizing_metric(teacher)}[settings.refine_loss]
+        initial, final = refine_encoder(student, batches, teacher, settings, device, progress,
+                                        metric() if metric else None)
         timings["refinement_s"] = time.perf_counter() - clock
         for (i, key) in list(factors):
             module = encoder_projection(student.layers[i], key)

@@ -34,26 +34,57 @@ def lr_factor(step, steps, warmup):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def frame_loss(output, target, speech, speech_share):
-    """MSE of the last hidden state; with `speech_share` s, speech frames weigh s and padding frames 1 - s.
+def decoder_metric(model):
+    """A (d x d) factor L with |e L|^2 = what the decoder's cross-attention reads of an encoder-output error e.
 
-    The decoder attends to every frame, padding included, so padding frames are never left out; but a short clip is
-    mostly padding, and without the split its speech frames would hardly count.
+    The decoder sees the encoder only through the keys and values of its cross-attention layers, k = h Wk^T and
+    v = h Wv^T + b, so an error e in the last hidden state costs sum_l |e Wk_l^T|^2 + |e Wv_l^T|^2 = e M e^T with
+    M = sum_l Wk_l^T Wk_l + Wv_l^T Wv_l. Plain MSE weighs every channel alike, and Whisper's encoder output has a
+    few channels of very large variance that the decoder's projections hardly read; measured on real speech, MSE
+    refinement lowered its loss 40% without lowering WER. L is scaled so that trace(M) = d (the same scale as MSE).
     """
+    metric = None
+    for layer in model.model.decoder.layers:
+        for projection in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj):
+            weight = projection.weight.detach().double().cpu()
+            metric = weight.T @ weight if metric is None else metric + weight.T @ weight
+    metric = metric * (metric.shape[0] / torch.trace(metric))
+    eigenvalues, eigenvectors = torch.linalg.eigh(metric)
+    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()).float()
+
+
+def standardizing_metric(targets):
+    """A diagonal factor that divides each output channel by its standard deviation over the teacher's outputs."""
+    rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in targets]).double()
+    scale = 1.0 / rows.std(dim=0).clamp(min=1e-6)
+    scale = scale * (scale.numel() / (scale ** 2).sum()).sqrt()  # trace = d, the scale of MSE
+    return torch.diag(scale).float()
+
+
+def frame_loss(output, target, speech, speech_share, metric=None):
+    """Squared error of the last hidden state per frame, averaged; `metric` (a d x d factor L) measures |e L|^2.
+
+    With `speech_share` s, speech frames weigh s and padding frames 1 - s. The decoder attends to every frame,
+    padding included, so padding frames are never left out; but a short clip is mostly padding, and without the
+    split its speech frames would hardly count.
+    """
+    difference = output - target
+    if metric is not None:
+        difference = difference @ metric
+    error = (difference ** 2).mean(dim=-1)
     if speech_share is None:
-        return nn.functional.mse_loss(output, target)
-    error = ((output - target) ** 2).mean(dim=-1)
+        return error.mean()
     if not (~speech).any() or not speech.any():
         return error.mean()
     return speech_share * error[speech].mean() + (1 - speech_share) * error[~speech].mean()
 
 
-def refine_encoder(encoder, batches, targets, settings, device, progress=True):
+def refine_encoder(encoder, batches, targets, settings, device, progress=True, metric=None):
     """Distil the low-rank factors and biases of `encoder` toward `targets` (the original encoder's outputs).
 
     `batches` are `CalibrationBatch`es and `targets[i]` the original encoder's last hidden state on `batches[i]`.
     Only LowRankLinear parameters (and, with `settings.refine_layer_norms`, layer norms) are trained. Each step takes
-    the next batch of a seeded shuffled order. Returns (initial loss, final loss) as running averages over the first
+    the next batch of a seeded shuffled order. `metric` (see `frame_loss`) weighs the output error. Returns (initial loss, final loss) as running averages over the first
     and last 10% of steps.
     """
     from tqdm.auto import tqdm
@@ -66,6 +97,7 @@ def refine_encoder(encoder, batches, targets, settings, device, progress=True):
     optimizer = torch.optim.AdamW(params, lr=settings.refine_lr, weight_decay=settings.refine_weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup))
     generator = torch.Generator().manual_seed(settings.seed)
+    metric = metric.to(device) if metric is not None else None
     order, cursor = [], 0
     losses = []
     encoder.train(False)  # dropout stays off: Whisper's is 0 anyway, and the targets come from eval mode
@@ -76,8 +108,12 @@ def refine_encoder(encoder, batches, targets, settings, device, progress=True):
             index = order[cursor]
             cursor += 1
             batch = batches[index]
-            output = _encoder_forward(encoder, batch.features.to(device))
-            loss = frame_loss(output, targets[index].to(device), batch.speech.to(device), settings.refine_speech_share)
+            # bfloat16 autocast roughly halves a step on CPUs with AVX512-BF16 / AMX and on GPUs; the factors, the
+            # optimiser state and the loss stay float32.
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.refine_precision == "bfloat16"):
+                output = _encoder_forward(encoder, batch.features.to(device))
+            loss = frame_loss(output.float(), targets[index].to(device), batch.speech.to(device),
+                              settings.refine_speech_share, metric)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -89,4 +125,4 @@ def refine_encoder(encoder, batches, targets, settings, device, progress=True):
     return float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
 
 
-__all__ = ["refine_encoder", "frame_loss", "lr_factor"]
+__all__ = ["refine_encoder", "frame_loss", "lr_factor", "decoder_metric", "standardizing_metric"]

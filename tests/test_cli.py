@@ -147,6 +147,13 @@ def test_shown_compression_defaults_are_the_library_defaults():
     defaults = {f.name: f.default for f in dataclasses.fields(CompressionSettings)}
     for name, shown in SHOWN_DEFAULTS.items():
         assert defaults[name] == shown, name
+    from lite_whisper import cli
+    from lite_whisper.compress import AUTO_REFINE_BELOW, AUTO_REFINE_STEPS
+
+    assert (cli.AUTO_REFINE_BELOW, cli.AUTO_REFINE_STEPS) == (AUTO_REFINE_BELOW, AUTO_REFINE_STEPS)
+    assert CompressionSettings(target_size=0.8).validate().refine_steps == 0
+    assert CompressionSettings(target_size=0.65).validate().refine_steps == AUTO_REFINE_STEPS
+    assert CompressionSettings(target_size=None).validate().refine_steps == 0
     from lite_whisper.cli import add_convert_arguments
 
     convert = _parser(add_convert_arguments)

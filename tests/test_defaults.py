@@ -121,6 +121,51 @@ def test_compress_reports_each_stage(tiny_whisper):
     assert result.report["target_size"] == 0.8 and abs(result.report["encoder_fraction"] - 0.8) < 0.05
 
 
+@pytest.mark.parametrize("refine_loss", ["decoder", "standardized"])
+def test_refinement_losses_and_bfloat16_run(tiny_whisper, refine_loss):
+    model, feature_extractor = tiny_whisper
+    settings = CompressionSettings(refine_steps=3, refine_batch_size=2, rank_multiple=8, refine_loss=refine_loss,
+                                   refine_precision="bfloat16", augment_copies=0)
+    result = compress(model, _clips(4), feature_extractor, settings, device="cpu", progress=False)
+    refinement = result.report["refinement"]
+    assert refinement["steps"] == 3 and np.isfinite(refinement["initial_loss"]) and np.isfinite(refinement["final_loss"])
+    with pytest.raises(ValueError, match="refine_loss must be one of"):
+        CompressionSettings(refine_loss="l1").validate()
+    with pytest.raises(ValueError, match="refine_precision must be one of"):
+        CompressionSettings(refine_precision="float16").validate()
+
+
+def test_decoder_metric_measures_what_cross_attention_reads(tiny_whisper):
+    from lite_whisper.refine import decoder_metric, frame_loss
+
+    model, _ = tiny_whisper
+    factor = decoder_metric(model)
+    d = model.config.d_model
+    assert factor.shape == (d, d)
+    error = torch.randn(3, 5, d)
+    expected = 0.0
+    for layer in model.model.decoder.layers:
+        for projection in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj):
+            expected = expected + (error @ projection.weight.T).pow(2).sum(-1)
+    total = sum(float((p.weight.double() ** 2).sum()) for layer in model.model.decoder.layers
+                for p in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj))
+    measured = (error @ factor).pow(2).sum(-1)
+    # |e L|^2 = e M e^T with trace(M) scaled to d: the cross-attention energy times d / trace.
+    torch.testing.assert_close(measured, expected * (d / total), rtol=1e-3, atol=1e-4)
+    speech = torch.zeros(3, 5, dtype=torch.bool)
+    speech[:, :2] = True
+    loss = frame_loss(error, torch.zeros_like(error), speech, None, factor)
+    torch.testing.assert_close(loss, measured.mean() / d, rtol=1e-4, atol=1e-6)
+
+
+def test_default_refinement_depends_on_size():
+    from lite_whisper.compress import AUTO_REFINE_STEPS
+
+    assert CompressionSettings().validate().refine_steps == 0  # 0.8: refinement did not help real speech
+    assert CompressionSettings(target_size=0.5).validate().refine_steps == AUTO_REFINE_STEPS
+    assert CompressionSettings(target_size=0.5, refine_steps=7).validate().refine_steps == 7
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Loop detector
 # ------------------------------------------------------------------------------------------------------------
@@ -157,8 +202,14 @@ def test_looping_transcripts_names_the_clips():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_small_calibration_warns(tmp_path, caplog):
+def test_small_calibration_warns(tmp_path, caplog, monkeypatch):
+    import logging
+
     import soundfile as sf
+
+    # An in-process CLI run (test_cli) gives the "lite_whisper" logger its own handler and stops propagation;
+    # caplog listens at the root.
+    monkeypatch.setattr(logging.getLogger("lite_whisper"), "propagate", True)
 
     from lite_whisper.convert import load_calibration_audio, warn_if_little_audio
 
