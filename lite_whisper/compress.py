@@ -52,7 +52,7 @@ from .modeling_lite_whisper import LowRankLinear, encoder_parameter_report, enco
 from .ranks import (
     allocate_ranks, allocate_ranks_by_threshold, choose_rank, dense_params, low_rank_params, saving_rank_limit,
 )
-from .refine import decoder_metric, refine_encoder, standardizing_metric
+from .refine import TranscriptObjective, decoder_metric, refine_encoder, standardizing_metric
 from .statistics import Spectrum, StreamingStatistics, explained_variance, records_inputs, spectrum_from_statistics
 from .utils import get_logger
 
@@ -62,7 +62,7 @@ MODES = ("sequential", "one-shot")
 STATISTICS_FRAMES = ("speech", "all")
 BUDGET_RULES = ("variance", "threshold")
 REFINE_PRECISIONS = ("float32", "bfloat16")
-REFINE_LOSSES = ("mse", "decoder", "standardized")
+REFINE_LOSSES = ("mse", "decoder", "standardized", "transcripts")
 # Below this target size the default refines (AUTO_REFINE_STEPS steps); at and above it, refinement did not lower
 # real-speech WER (see CompressionSettings).
 AUTO_REFINE_BELOW = 0.75
@@ -103,7 +103,9 @@ class CompressionSettings:
         refine_layer_norms: also train the encoder's layer norms during refinement.
         refine_loss: how the refinement measures the error of the last hidden state: "mse" (every channel alike),
             "decoder" (as the decoder's cross-attention keys and values read it; `refine.decoder_metric`) or
-            "standardized" (each channel divided by its standard deviation).
+            "standardized" (each channel divided by its standard deviation) or "transcripts" (KL divergence of the
+            decoder's next-token distributions on the original model's own transcripts; `refine.TranscriptObjective`;
+            full windows only).
         refine_precision: "float32", or "bfloat16" to run the refinement's forward and backward passes under
             bfloat16 autocast (weights, optimiser and loss stay float32).
         crop_padding: None runs every input as Whisper's full 30 s window; a share p keeps only the speech frames plus
@@ -192,6 +194,8 @@ class CompressionSettings:
             raise ValueError(f"refine_speech_share must be None or in (0, 1), got {self.refine_speech_share!r}")
         if self.refine_loss not in REFINE_LOSSES:
             raise ValueError(f"refine_loss must be one of {', '.join(REFINE_LOSSES)}, got {self.refine_loss!r}")
+        if self.refine_loss == "transcripts" and self.crop_padding is not None:
+            raise ValueError("refine_loss='transcripts' needs full 30 s windows: set crop_padding=None")
         if self.refine_precision not in REFINE_PRECISIONS:
             raise ValueError(f"refine_precision must be one of {', '.join(REFINE_PRECISIONS)}, got {self.refine_precision!r}")
         if self.budget_rule not in BUDGET_RULES:
@@ -433,10 +437,12 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
         for i, layer in enumerate(student.layers):
             apply(layer, i, [key for key in LOW_RANK_KEYS if not isinstance(encoder_projection(layer, key), LowRankLinear)])
         clock = time.perf_counter()
-        metric = {"mse": None, "decoder": lambda: decoder_metric(model),
-                  "standardized": lambda: standardizing_metric(teacher)}[settings.refine_loss]
+        metric = {"decoder": lambda: decoder_metric(model),
+                  "standardized": lambda: standardizing_metric(teacher)}.get(settings.refine_loss)
+        objective = TranscriptObjective(model, batches, teacher, device) if settings.refine_loss == "transcripts" else None
         initial, final = refine_encoder(student, batches, teacher, settings, device, progress,
-                                        metric() if metric else None)
+                                        metric() if metric else None, objective)
+        del objective
         timings["refinement_s"] = time.perf_counter() - clock
         for (i, key) in list(factors):
             module = encoder_projection(student.layers[i], key)

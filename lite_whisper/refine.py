@@ -4,6 +4,7 @@ The teacher's outputs are computed once, on exactly the tensors the student is t
 cropped and augmented the same way), so teacher and student always see the same input.
 """
 
+import copy
 import math
 
 import numpy as np
@@ -79,13 +80,65 @@ def frame_loss(output, target, speech, speech_share, metric=None):
     return speech_share * error[speech].mean() + (1 - speech_share) * error[~speech].mean()
 
 
-def refine_encoder(encoder, batches, targets, settings, device, progress=True, metric=None):
+class TranscriptObjective:
+    """Distillation through the decoder: KL divergence between the original and the compressed model's next-token
+    distributions, teacher-forced on the original model's own greedy transcripts of the calibration inputs.
+
+    Label-free like the hidden-state loss (the original model writes the transcripts), but it measures the encoder
+    error the way the decoder reads it: through cross-attention, over the tokens it actually emits. Needs full 30 s
+    windows (the decoder was trained on them). The teacher's distributions are recomputed each step from its stored
+    hidden states (the decoder is small next to the encoder), so nothing vocabulary-sized is kept.
+    """
+
+    def __init__(self, model, batches, targets, device, max_new_tokens=128):
+        self.model = copy.deepcopy(model).to(device=device, dtype=torch.float32).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.targets = targets
+        self.tokens = []
+        eos = self.model.generation_config.eos_token_id
+        with torch.no_grad():
+            for batch, target in zip(batches, targets):
+                if batch.features.shape[-1] != 2 * self.model.config.max_source_positions:
+                    raise ValueError("refine_loss='transcripts' needs full 30 s windows (crop_padding=None)")
+                # The original model transcribes (and detects the language) from the features themselves.
+                features = batch.features.to(device)
+                ids = self.model.generate(input_features=features, task="transcribe", max_new_tokens=max_new_tokens)
+                if not bool((ids[:, 0] == self.model.generation_config.decoder_start_token_id).all()):
+                    ids = torch.cat([self._prompt(features), ids], dim=1)  # transformers 5 returns new tokens only
+                # Positions whose next token is part of the transcript, up to and including the first EOS.
+                finished = (ids[:, 1:] == eos).int().cumsum(dim=1)
+                keep = (finished == 0) | ((finished == 1) & (ids[:, 1:] == eos))
+                self.tokens.append((ids[:, :-1].contiguous(), keep))
+
+    def _prompt(self, features):
+        """<|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|>, the language detected per input."""
+        config = self.model.generation_config
+        languages = self.model.detect_language(input_features=features).reshape(-1, 1).to(features.device)
+        fixed = lambda token: torch.full_like(languages, token)  # noqa: E731
+        return torch.cat([fixed(config.decoder_start_token_id), languages,
+                          fixed(config.task_to_id["transcribe"]), fixed(config.no_timestamps_token_id)], dim=1)
+
+    def _log_probs(self, hidden, ids):
+        out = self.model.model.decoder(input_ids=ids, encoder_hidden_states=hidden)
+        return torch.log_softmax(self.model.proj_out(out.last_hidden_state).float(), dim=-1)
+
+    def __call__(self, index, output, batch):
+        ids, keep = self.tokens[index]
+        with torch.no_grad():
+            teacher = self._log_probs(self.targets[index].to(output.device), ids)[keep]
+        student = self._log_probs(output, ids)[keep]
+        return (teacher.exp() * (teacher - student)).sum(dim=-1).mean()
+
+
+def refine_encoder(encoder, batches, targets, settings, device, progress=True, metric=None, objective=None):
     """Distil the low-rank factors and biases of `encoder` toward `targets` (the original encoder's outputs).
 
     `batches` are `CalibrationBatch`es and `targets[i]` the original encoder's last hidden state on `batches[i]`.
     Only LowRankLinear parameters (and, with `settings.refine_layer_norms`, layer norms) are trained. Each step takes
-    the next batch of a seeded shuffled order. `metric` (see `frame_loss`) weighs the output error. Returns (initial loss, final loss) as running averages over the first
-    and last 10% of steps.
+    the next batch of a seeded shuffled order. `metric` (see `frame_loss`) weighs the output error; `objective`
+    (index, output, batch) -> loss replaces the hidden-state loss (`TranscriptObjective`). Returns (initial loss,
+    final loss) as running averages over the first and last 10% of steps.
     """
     from tqdm.auto import tqdm
 
@@ -112,8 +165,11 @@ def refine_encoder(encoder, batches, targets, settings, device, progress=True, m
             # optimiser state and the loss stay float32.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.refine_precision == "bfloat16"):
                 output = _encoder_forward(encoder, batch.features.to(device))
-            loss = frame_loss(output.float(), targets[index].to(device), batch.speech.to(device),
-                              settings.refine_speech_share, metric)
+            if objective is not None:
+                loss = objective(index, output.float(), batch)
+            else:
+                loss = frame_loss(output.float(), targets[index].to(device), batch.speech.to(device),
+                                  settings.refine_speech_share, metric)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -125,4 +181,4 @@ def refine_encoder(encoder, batches, targets, settings, device, progress=True, m
     return float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
 
 
-__all__ = ["refine_encoder", "frame_loss", "lr_factor", "decoder_metric", "standardizing_metric"]
+__all__ = ["TranscriptObjective", "refine_encoder", "frame_loss", "lr_factor", "decoder_metric", "standardizing_metric"]

@@ -360,3 +360,27 @@ def test_compress_thresholds_without_refinement(whisper_base, clips):
                 assert entry["rank"] % 16 == 0
     assert result.report["refinement"] == {"steps": 0}
     assert result.report["thresholds"] == {"attention": 0.9, "mlp": 0.95}
+
+
+@pytest.mark.slow
+def test_transcript_objective_teacher_forces_the_original_transcripts(whisper_base, clips):
+    """The transcript distillation feeds the decoder <|startoftranscript|> <|lang|> <|transcribe|> <|notimestamps|>
+    and the original model's own tokens; on the original encoder's outputs its KL divergence is zero."""
+    from lite_whisper.calibration import _encoder_forward, prepare_batches
+    from lite_whisper.refine import TranscriptObjective
+
+    model, processor = whisper_base
+    batches, _ = prepare_batches(clips[:2], processor.feature_extractor, 1500, 2)
+    with torch.no_grad():
+        teacher = [_encoder_forward(model.model.encoder, b.features) for b in batches]
+    objective = TranscriptObjective(model, batches, teacher, torch.device("cpu"), max_new_tokens=48)
+    ids, keep = objective.tokens[0]
+    config = model.generation_config
+    assert (ids[:, 0] == config.decoder_start_token_id).all() and (ids[:, 2] == config.task_to_id["transcribe"]).all()
+    assert (ids[:, 3] == config.no_timestamps_token_id).all() and keep.sum(dim=1).min() > 4
+    text = processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    assert all(len(t.split()) >= 2 for t in text), text
+    assert float(objective(0, teacher[0], batches[0])) < 1e-6
+    assert float(objective(0, teacher[0] + 0.5 * torch.randn_like(teacher[0]), batches[0])) > 1e-3
+    with pytest.raises(ValueError, match="full 30 s windows"):
+        CompressionSettings(refine_loss="transcripts", crop_padding=0.25).validate()
