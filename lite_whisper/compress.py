@@ -52,7 +52,7 @@ from .modeling_lite_whisper import LowRankLinear, encoder_parameter_report, enco
 from .ranks import (
     allocate_ranks, allocate_ranks_by_threshold, choose_rank, dense_params, low_rank_params, saving_rank_limit,
 )
-from .refine import TranscriptObjective, decoder_metric, refine_encoder, standardizing_metric
+from .refine import refine_encoder, refinement_objective
 from .statistics import Spectrum, StreamingStatistics, explained_variance, records_inputs, spectrum_from_statistics
 from .utils import get_logger
 
@@ -437,11 +437,8 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
         for i, layer in enumerate(student.layers):
             apply(layer, i, [key for key in LOW_RANK_KEYS if not isinstance(encoder_projection(layer, key), LowRankLinear)])
         clock = time.perf_counter()
-        metric = {"decoder": lambda: decoder_metric(model),
-                  "standardized": lambda: standardizing_metric(teacher)}.get(settings.refine_loss)
-        objective = TranscriptObjective(model, batches, teacher, device) if settings.refine_loss == "transcripts" else None
-        initial, final = refine_encoder(student, batches, teacher, settings, device, progress,
-                                        metric() if metric else None, objective)
+        objective = refinement_objective(settings, model, batches, teacher, device)
+        initial, final = refine_encoder(student, batches, objective, settings, device, progress)
         del objective
         timings["refinement_s"] = time.perf_counter() - clock
         for (i, key) in list(factors):
