@@ -16,6 +16,7 @@ Timing: CUDA events / synchronised wall clock, median of --reps after warm-up (t
 """
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -172,22 +173,26 @@ def bench(args):
                 encoder["lite_fast_compiled"] = encoder["lite_fast"]
                 for tokens in args.tokens:
                     compiles = {"on": [True], "off": [False], "both": [False, True]}[args.compile]
+                    steps = {"kernels": [True], "pytorch": [False], "both": [True, False]}[args.step]
                     variants = []
-                    for compiled in compiles:
+                    for compiled, kernels in itertools.product(compiles, steps):
                         suffix = "_compiled" if compiled and args.compile == "both" else ""
-                        variants += [("original_fast" + suffix, original, True, compiled),
-                                     ("lite_fast" + suffix, lite, True, compiled)]
+                        suffix += "_pytorch_step" if not kernels and args.step == "both" else ""
+                        variants += [("original_fast" + suffix, original, True, compiled, kernels),
+                                     ("lite_fast" + suffix, lite, True, compiled, kernels)]
                     if tokens in args.eager_tokens:
-                        variants.insert(0, ("original_eager", original, False, False))
+                        variants.insert(0, ("original_eager", original, False, False, False))
                     outputs = {}
-                    for name, model, fast, compiled in variants:
+                    for name, model, fast, compiled, kernels in variants:
                         model._lw_fast_compile = compiled
+                        model._lw_decode_kernels = kernels
                         model.set_fast_generation(fast)
                         seconds, memory, outputs[name], loop_step, first = timed_generate(
                             model, features, tokens, args.reps)
                         row = {"shape": shape, "dtype": dtype_name, "batch": batch, "new_tokens": tokens,
                                "variant": name, "seconds": seconds, "rtfx": batch * WINDOW_S / seconds,
-                               "encoder_s": encoder[name], "encoder_share": encoder[name] / seconds,
+                               "encoder_s": encoder[name.replace("_pytorch_step", "")],
+                               "encoder_share": encoder[name.replace("_pytorch_step", "")] / seconds,
                                "peak_GiB": memory, "first_call_s": first}
                         if loop_step is not None:
                             row["loop_step_us"] = loop_step * 1e6
@@ -230,7 +235,8 @@ def summarise(results):
                 entry["floor_us"] = floors[(shape, batch)]
                 entry["step_over_floor"] = step * 1e6 / floors[(shape, batch)]
         eager = index.get((shape, dtype, batch, tokens, "original_eager"))
-        like = "original_fast" + ("_compiled" if variant.endswith("_compiled") else "")
+        like = "original_fast" + variant[len("lite_fast"):] if variant.startswith("lite_fast") else "original_fast"
+        like = variant if variant.startswith("original_fast") else like
         orig_fast = index.get((shape, dtype, batch, tokens, like))
         if eager:
             entry["vs_original_eager"] = eager["seconds"] / row["seconds"]
@@ -462,8 +468,7 @@ def profile(args):
         model.generate(features, language="en", task="transcribe", min_new_tokens=40, max_new_tokens=40)
         state = next(iter(model._lw_decoder_states.values()))
         program = next(iter(state.programs.values()))
-        span = 64
-        graph = state.graphs[(span, program.signature)]
+        span, graph = next((key[0], g) for key, g in state.graphs.items() if key[1] == program.signature)
         replay_ms = time_cuda(graph.replay, 5, 50)
         with torch.no_grad():
             for _ in range(3):
@@ -497,6 +502,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--compile", choices=["on", "off", "both"], default="off",
                    help="torch.compile the decoder layer inside the graph (with 'both', a _compiled suffix)")
+    p.add_argument("--step", choices=["kernels", "pytorch", "both"], default="kernels",
+                   help="decoder step on lite_whisper.kernels.decode (half precision) or on PyTorch ops")
     p.add_argument("--out", default="benchmarks/results/cuda")
     p = sub.add_parser("prepare", help="carry whisper-base and dev audio to the device (CPU)")
     p.add_argument("--parts", type=int, default=3)

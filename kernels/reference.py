@@ -77,3 +77,84 @@ def lowrank_attention_reference(xq, xk, xv, q_weight2, q_bias, k_weight2, v_weig
 
 def next_power_of_two(n):
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoder-step kernels (`decode.py`): one greedy token per row; the state tensors are updated in place.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def decode_embed_reference(tokens, embed, positions, length, scale=1.0):
+    """embed[tokens[:, 0]] * scale + positions[length - 1], in float32, returned in embed's dtype."""
+    pos = int(length) - 1
+    return (embed[tokens[:, 0]].float() * scale + positions[pos].float()).to(embed.dtype)
+
+
+def decode_linear_reference(x, weight, bias=None, norm=None, gelu=False, residual=None):
+    """y = [residual +] act(LN(x) @ weight.T + bias); LN's output rounded to the weight's dtype before the GEMV.
+
+    weight (N, K) as nn.Linear stores it; norm = (ln_weight, ln_bias, eps) or None. Returns (M, N) in x's dtype.
+    """
+    if norm is not None:
+        ln_w, ln_b, eps = norm
+        x = F.layer_norm(x.float(), (x.shape[-1],), ln_w.float(), ln_b.float(), eps).to(weight.dtype)
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    if gelu:
+        y = F.gelu(y)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
+def decode_self_attention_reference(q, k_cache, v_cache, length, scale):
+    """softmax(scale q k^T) v over cache positions 0..length-1, per row and head; q (M, H*d) -> (M, H*d)."""
+    rows, width = q.shape
+    heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    count = int(length)
+    qh = q.float().view(rows, heads, 1, head_dim)
+    k = k_cache[:, :, :count].float()
+    v = v_cache[:, :, :count].float()
+    out = torch.softmax(scale * qh @ k.transpose(-1, -2), dim=-1) @ v
+    return out.reshape(rows, width).to(q.dtype)
+
+
+def token_mask_codes(vocab, always=(), at_begin=(), below=()):
+    """The int8 token-mask code `decode_logits` reads: bit 1 always masked, bit 2 at length == begin, bit 4 while
+    length < below."""
+    codes = torch.zeros(vocab, dtype=torch.int8)
+    for bit, ids in ((1, always), (2, at_begin), (4, below)):
+        ids = [i for i in ids if 0 <= i < vocab]
+        if ids:
+            codes[torch.tensor(ids)] |= bit
+    return codes
+
+
+def decode_logits_reference(x, norm, embed, codes=None, length=None, begin=-1, below=-1):
+    """raw = float32(LN(x) @ embed.T rounded to embed's dtype); scores = raw masked by the codes; and the argmax of
+    the scores per row (first index of the maximum). Returns (raw, scores, argmax)."""
+    ln_w, ln_b, eps = norm
+    h = F.layer_norm(x.float(), (x.shape[-1],), ln_w.float(), ln_b.float(), eps).to(embed.dtype)
+    raw = (h.float() @ embed.float().t()).to(embed.dtype).float()
+    if codes is None:
+        return raw, None, None
+    n = int(length)
+    c = codes.to(torch.int32)
+    off = (c & 1).bool() | ((c & 2).bool() & (n == begin)) | ((c & 4).bool() & (n < below))
+    scores = raw.masked_fill(off, float("-inf"))
+    return raw, scores, scores.argmax(dim=-1)
+
+
+def decode_finish_reference(best, sequences, tokens, unfinished, length, done_len, eos, pad_id):
+    """The bookkeeping after the argmax `best` (rows,): pads finished rows, appends at `length`, clears rows that
+    emitted an EOS id, increments length and sets done_len (once) when no row is left. Updates the tensors."""
+    n = int(length)
+    token = torch.where(unfinished, best, torch.full_like(best, pad_id))
+    sequences[:, n] = token
+    tokens[:, 0] = token
+    if eos.numel():
+        unfinished &= ~torch.isin(token, eos)
+    length += 1
+    if not bool(unfinished.any()) and int(done_len) == 0:
+        done_len.fill_(n + 1)

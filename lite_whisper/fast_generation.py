@@ -60,6 +60,10 @@ _fast_classes = {}
 last_loop = {}  # steps and wall time of the last graphed token loop (after the prefill), for benchmarks
 # Tests run the same loop without graphs on the CPU, to compare it token for token with transformers' own loop.
 _anywhere = contextvars.ContextVar("lite_whisper_fast_generation_anywhere", default=False)
+# Half-precision graphed steps use the Triton decoder-step kernels (lite_whisper.kernels.decode) up to this batch
+# bucket: at 24-32 rows the layer norms folded into every GEMV tile cost more than they save (H100: 950 vs 923 us a
+# step at batch 32), so larger batches keep the PyTorch step.
+DECODE_KERNELS_MAX_BATCH = 16
 
 
 @contextlib.contextmanager
@@ -104,7 +108,7 @@ class FastGenerationMixin:
         set_fast_generation(self, enabled)
 
 
-def enable_fast_generation(model, enabled=True, compile=False):
+def enable_fast_generation(model, enabled=True, compile=False, kernels=True):
     """Give a (plain or Lite) Whisper model the fast CUDA generation path; returns the model.
 
     A plain `WhisperForConditionalGeneration` instance gets a subclass with `FastGenerationMixin` (its weights,
@@ -114,6 +118,10 @@ def enable_fast_generation(model, enabled=True, compile=False):
     on an H100, for 10-20 s of compilation in the first generate() call of the process (and a few seconds for each
     new batch or length bucket), so it pays off for long-running services, not for a few files.
     (`LITE_WHISPER_COMPILE_DECODER=1` switches it on for every model.)
+
+    `kernels=True` (the default) runs float16/bfloat16 decoder steps on the Triton kernels of
+    `lite_whisper.kernels.decode` (layer norms, bias, GELU, residuals, cache writes, token masks and argmax fused
+    into the GEMVs); `kernels=False` or `LITE_WHISPER_DECODE_KERNELS=0` keeps the PyTorch-op step in the graph.
     """
     if not getattr(model, "_lw_fast_generation_builtin", False) and not isinstance(model, FastGenerationMixin):
         cls = type(model)
@@ -121,6 +129,7 @@ def enable_fast_generation(model, enabled=True, compile=False):
             _fast_classes[cls] = type(cls.__name__, (FastGenerationMixin, cls), {"__module__": cls.__module__})
         model.__class__ = _fast_classes[cls]
     model._lw_fast_compile = bool(compile)
+    model._lw_decode_kernels = bool(kernels)
     set_fast_generation(model, enabled)
     return model
 
@@ -281,6 +290,29 @@ def _model_dtype(model):
     return model.model.decoder.embed_tokens.weight.dtype
 
 
+def _decode_kernels(model, batch, dtype, device):
+    """lite_whisper.kernels.decode when this state's steps should run on it, else None.
+
+    On for float16/bfloat16 on CUDA with triton; `LITE_WHISPER_DECODE_KERNELS=0` or
+    `enable_fast_generation(model, kernels=False)` keeps the PyTorch step (float32 always does: its cuBLAS GEMVs are
+    exact, and the kernels would only change rounding). `LITE_WHISPER_DECODE_KERNELS=1` also allows them off CUDA
+    (Triton's interpreter; for tests).
+    """
+    flag = os.environ.get("LITE_WHISPER_DECODE_KERNELS", "").strip().lower()
+    if flag in ("0", "false", "no", "off") or not getattr(model, "_lw_decode_kernels", True):
+        return None
+    if dtype not in (torch.float16, torch.bfloat16) or batch > DECODE_KERNELS_MAX_BATCH:
+        return None
+    if device.type != "cuda" and flag not in ("1", "true", "yes", "on"):
+        return None
+    try:
+        from lite_whisper.kernels import decode
+    except ImportError as error:
+        _say_once("fast generation: decoder-step kernels unavailable (%s); using the PyTorch step", error)
+        return None
+    return decode
+
+
 class _StopPlan:
     def __init__(self, max_length, eos):
         self.max_length = max_length
@@ -322,10 +354,33 @@ class _Program:
         self.pad_id = pad_id
         self.timestamp = timestamp  # the timestamp-rules op, if any (it keeps per-row state)
         self.eos = torch.tensor(plan.eos, dtype=torch.long, device=state.device)
+        self.codes, self.begin, self.below = self._token_codes(state.vocab, state.device)
 
     @property
     def fused(self):
         return self.eager is None
+
+    def _token_codes(self, vocab, device):
+        """The program as one int8 code per token for `decode_logits` (bit 1: always masked, 2: masked at length ==
+        begin, 4: while length < below), or (None, -1, -1) when it is more than such masks (timestamp rules, two
+        different begin / below lengths, eager processors)."""
+        if not self.fused or self.timestamp is not None:
+            return None, -1, -1
+        codes = torch.zeros(vocab, dtype=torch.int8, device=device)
+        begin = below = None
+        for op in self.ops:
+            if op.begin is not None:
+                if begin not in (None, op.begin):
+                    return None, -1, -1
+                begin, bit = op.begin, 2
+            elif op.below is not None:
+                if below not in (None, op.below):
+                    return None, -1, -1
+                below, bit = op.below, 4
+            else:
+                bit = 1
+            codes |= op.mask.to(torch.int8) * bit
+        return codes, -1 if begin is None else begin, -1 if below is None else below
 
     @classmethod
     def build(cls, processors, plan, pad_id, state, prefix):
@@ -597,6 +652,9 @@ class _DecoderState:
         if device.type == "cuda" and _compile_wanted(model):
             self.layer_fn, self.compiled = _compiled_layer_step(), True
         n, b, h, d = len(self.layers), batch, self.heads, self.head_dim
+        self.kernels = _decode_kernels(model, batch, dtype, device)
+        if self.kernels is not None:
+            self._kernel_buffers(model, batch, dtype, device)
         self.k_cache = torch.zeros(n, b, h, self.max_len, d, dtype=dtype, device=device)
         self.v_cache = torch.zeros_like(self.k_cache)
         self.cross_k = None  # (n, b, h, frames, d), allocated for the encoder length on first use
@@ -623,6 +681,26 @@ class _DecoderState:
         self._flags_host = [torch.zeros((), dtype=torch.bool, pin_memory=self.cuda) for _ in range(ring)]
         self._events = [torch.cuda.Event() for _ in range(ring)] if self.cuda else []
         self._ring = 0
+
+    def _kernel_buffers(self, model, batch, dtype, device):
+        decoder = self.decoder
+        norms = [m for layer in self.layers for m in (layer.self_attn_layer_norm, layer.encoder_attn_layer_norm,
+                                                       layer.final_layer_norm)] + [decoder.layer_norm]
+        self.eps = norms[0].eps
+        if any(m.eps != self.eps for m in norms):
+            raise _Unsupported("layer norms with different eps")
+        self.embed = decoder.embed_tokens.weight.contiguous()
+        self.positions_table = decoder.embed_positions.weight.contiguous()
+        self.weights = [tuple(w.contiguous() for w in ws) for ws in self.weights]
+        self.proj_out = self.proj_out.contiguous()
+        ffn = self.layers[0].fc1.weight.shape[0]
+        self.hidden = torch.zeros(batch, self.d_model, dtype=dtype, device=device)
+        self.q = torch.zeros_like(self.hidden)
+        self.attn = torch.zeros_like(self.hidden)
+        self.mlp = torch.zeros(batch, ffn, dtype=dtype, device=device)
+        blocks = self.kernels.logits_blocks(self.vocab, batch)
+        self.partial_v = torch.zeros(batch, blocks, dtype=torch.float32, device=device)
+        self.partial_i = torch.zeros(batch, blocks, dtype=torch.int32, device=device)
 
     @staticmethod
     def _fingerprint_of(model):
@@ -731,7 +809,39 @@ class _DecoderState:
         self.done_len.copy_(torch.where(finished_now, self.length, self.done_len))
         self.tokens[:rows].copy_(tokens.unsqueeze(1))
 
+    def _kernel_step(self, program):
+        """The step on lite_whisper.kernels.decode: 8 kernels per layer plus embedding, logits and bookkeeping."""
+        kd, rows, eps = self.kernels, self.batch, self.eps
+        h, q, attn = self.hidden, self.q, self.attn
+        kd.decode_embed(self.tokens, self.embed, self.positions_table, self.length, h, self.embed_scale)
+        for i, (ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, cq_w, cq_b, co_w, co_b, ln3_w, ln3_b,
+                fc1_w, fc1_b, fc2_w, fc2_b) in enumerate(self.weights):
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            kd.decode_linear(h, qkv_w, qkv_b, q, norm=(ln1_w, ln1_b, eps), kv=(k_cache, v_cache), length=self.length)
+            kd.decode_self_attention(q, k_cache, v_cache, self.length, attn, self.scaling)
+            kd.decode_linear(attn, o_w, o_b, h, residual=h)
+            kd.decode_linear(h, cq_w, cq_b, q, norm=(ln2_w, ln2_b, eps))
+            # Cross-attention over 1500 frames stays on SDPA: at batch >= 8 it already runs at the memory floor.
+            heads = q.view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(heads, self.cross_k[i], self.cross_v[i], scale=self.scaling)
+            kd.decode_linear(out.transpose(1, 2).reshape(rows, self.d_model), co_w, co_b, h, residual=h)
+            kd.decode_linear(h, fc1_w, fc1_b, self.mlp, norm=(ln3_w, ln3_b, eps), gelu=True)
+            kd.decode_linear(self.mlp, fc2_w, fc2_b, h, residual=h)
+        norm = (*self.final_norm, eps)
+        if program.codes is None:
+            kd.decode_logits(h, norm, self.proj_out, self.raw)
+            if program.fused:
+                self.post(program, graphs=True)
+            return
+        kd.decode_logits(h, norm, self.proj_out, self.raw, self.scores, self.partial_v, self.partial_i, program.codes,
+                         self.length, program.begin, program.below)
+        kd.decode_finish(self.partial_v, self.partial_i, self.sequences, self.tokens, self.unfinished.view(torch.uint8),
+                         self.length, self.done_len, program.eos, program.pad_id)
+
     def _step_body(self, program, span):
+        if self.kernels is not None:
+            self._kernel_step(program)
+            return
         index = (self.length - 1).view(1)
         logits = self._decode(self.tokens, index, span, self.batch)
         self.raw.copy_(logits[:, -1].float())
@@ -740,7 +850,13 @@ class _DecoderState:
 
     def step(self, program, cur_len, graphs):
         """Decode the token at position cur_len - 1 and append the next one."""
-        span = _bucket(cur_len, LENGTH_BUCKETS + (self.max_len,))
+        # The kernels' self-attention reads the length from the device: one graph serves every length.
+        span = 0 if self.kernels is not None else _bucket(cur_len, LENGTH_BUCKETS + (self.max_len,))
+        if not graphs and self.kernels is not None:
+            self._kernel_step(program)
+            if not program.fused:
+                self.post(program, graphs=False)
+            return
         if not graphs:
             index = torch.tensor([cur_len - 1], device=self.device)
             logits = self._decode(self.tokens[: self.rows], index, span, self.rows)
