@@ -28,7 +28,8 @@ SWEEP = {
     "block_n": (16, 32, 64),
     "block_k": (128, 256),
     "warps": (4,),
-    "stages": (2, 4),
+    "stages": (4,),
+    "split": (1, 2, 4),
 }
 
 
@@ -117,8 +118,10 @@ def make_call(kd, name, kind, N, K, flags, batch, dtype, shape, copies, kernel=T
     ln = norm if flags.get("norm") else None
     gelu = flags.get("gelu", False)
     if kernel:
+        workspace = kd.decode_workspace(batch, N, dev)
         calls = [lambda w=w: kd.decode_linear(x, w, bias, out, norm=ln, gelu=gelu, residual=res,
-                                              kv=(kc, vc) if kc is not None else None, length=length, kind=kind)
+                                              kv=(kc, vc) if kc is not None else None, length=length, kind=kind,
+                                              workspace=workspace)
                  for w in weights]
     else:
         def torch_linear(w):
@@ -204,6 +207,8 @@ def main(argv=None):
             if args.sweep and dtype_name == args.dtypes[0] and batch in args.sweep_batches:
                 best = None
                 for config in itertools.product(*SWEEP.values()):
+                    if kind == "logits" and config[-1] != 1:
+                        continue
                     kd.CONFIG_OVERRIDE[kind] = config
                     try:
                         calls, check, _ = make_call(kd, name, kind, N, K, flags, batch, dtype, shape, copies)

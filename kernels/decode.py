@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per kind of GEMV; the benchmark may override them to compare.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages[, split-K]) per kind of GEMV; the benchmark may override them.
 CONFIG_OVERRIDE = {}
 
 
@@ -71,15 +71,18 @@ def _row_stats(X, rows, row_ok, stride_xm, K: tl.constexpr, eps, BLOCK_M: tl.con
 
 @triton.jit
 def _norm_matmul(X, W, LNW, LNB, rows, row_ok, cols, col_ok, stride_xm, K: tl.constexpr, eps,
-                 HAS_LN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc (BLOCK_M, BLOCK_N) = LN(x[rows]) @ W[cols].T in float32; LN's output is rounded to W's dtype first,
-    as the PyTorch step rounds the layer norm's output before its GEMM."""
+                 HAS_LN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 k_start=0, K_SPAN: tl.constexpr = 0):
+    """acc (BLOCK_M, BLOCK_N) = LN(x[rows]) @ W[cols].T in float32 over k_start .. k_start + K_SPAN (all of K when
+    K_SPAN is 0); LN's statistics are over the whole row, and its output is rounded to W's dtype first, as the
+    PyTorch step rounds the layer norm's output before its GEMM."""
     if HAS_LN:
         mean, rstd = _row_stats(X, rows, row_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
+    span: tl.constexpr = K if K_SPAN == 0 else K_SPAN
+    for k0 in range(0, span, BLOCK_K):
+        kk = k_start + k0 + ks
         k_ok = kk < K
         x = tl.load(X + rows[:, None] * stride_xm + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_LN:
@@ -93,27 +96,14 @@ def _norm_matmul(X, W, LNW, LNB, rows, row_ok, cols, col_ok, stride_xm, K: tl.co
 
 
 @triton.jit
-def _decode_linear_kernel(
-    X, W, BIAS, LNW, LNB, RES, Y, KC, VC, LEN,
-    M, N, K: tl.constexpr, stride_xm, stride_rm, stride_ym, stride_cm, stride_ch, stride_cp, eps,
-    HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr, KV: tl.constexpr,
-    D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    acc = _norm_matmul(X, W, LNW, LNB, rows, row_ok, cols, col_ok, stride_xm, K, eps,
-                       HAS_LN, BLOCK_M, BLOCK_N, BLOCK_K)
+def _linear_epilogue(acc, rows, row_ok, cols, col_ok, ok, BIAS, RES, Y, KC, VC, LEN, N, stride_rm, stride_ym,
+                     stride_cm, stride_ch, stride_cp, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                     HAS_RES: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, HEAD_DIM: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if GELU:
         # Exact GELU, as Whisper's "gelu" activation (not the tanh approximation).
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    ok = row_ok[:, None] & col_ok[None, :]
     if HAS_RES:
         acc += tl.load(RES + rows[:, None] * stride_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     out = acc.to(Y.dtype.element_ty)
@@ -128,6 +118,48 @@ def _decode_linear_kernel(
         tl.store(VC + cache, out, mask=ok & (section == 2)[None, :])
     else:
         tl.store(Y + rows[:, None] * stride_ym + cols[None, :], out, mask=ok)
+
+
+@triton.jit
+def _decode_linear_kernel(
+    X, W, BIAS, LNW, LNB, RES, Y, KC, VC, LEN, PARTS, COUNTERS,
+    M, N, K: tl.constexpr, stride_xm, stride_rm, stride_ym, stride_cm, stride_ch, stride_cp, eps,
+    HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr, KV: tl.constexpr,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT == 1:
+        acc = _norm_matmul(X, W, LNW, LNB, rows, row_ok, cols, col_ok, stride_xm, K, eps,
+                           HAS_LN, BLOCK_M, BLOCK_N, BLOCK_K)
+        _linear_epilogue(acc, rows, row_ok, cols, col_ok, ok, BIAS, RES, Y, KC, VC, LEN, N, stride_rm, stride_ym,
+                         stride_cm, stride_ch, stride_cp, HAS_BIAS, GELU, HAS_RES, KV, D, HEAD_DIM)
+    else:
+        # Split-K: SPLIT programs per output tile, each over a slice of K, so that a 1280-wide projection at batch
+        # 1 still keeps ~160-320 SMs' worth of loads in flight. Each writes its float32 partial; the last to
+        # arrive (atomic counter) sums them in split order, so the result does not depend on timing.
+        pid_k = tl.program_id(2)
+        span: tl.constexpr = ((K + SPLIT * BLOCK_K - 1) // (SPLIT * BLOCK_K)) * BLOCK_K
+        acc = _norm_matmul(X, W, LNW, LNB, rows, row_ok, cols, col_ok, stride_xm, K, eps,
+                           HAS_LN, BLOCK_M, BLOCK_N, BLOCK_K, pid_k * span, span)
+        tl.store(PARTS + (pid_k * M + rows)[:, None] * N + cols[None, :], acc, mask=ok)
+        tile = pid_m * tl.num_programs(0) + pid_n
+        tl.debug_barrier()  # every thread's partial is stored before the counter moves
+        arrived = tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for part in tl.static_range(SPLIT):
+                total += tl.load(PARTS + (part * M + rows)[:, None] * N + cols[None, :], mask=ok, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(COUNTERS + tile, 0)  # ready for the next launch (and graph replay)
+            _linear_epilogue(total, rows, row_ok, cols, col_ok, ok, BIAS, RES, Y, KC, VC, LEN, N, stride_rm,
+                             stride_ym, stride_cm, stride_ch, stride_cp, HAS_BIAS, GELU, HAS_RES, KV, D, HEAD_DIM)
 
 
 @triton.jit
@@ -252,18 +284,23 @@ def _block_m(M):
 
 
 def _config(kind, N, K, M=1):
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Small output tiles so that a 1280-wide projection still spreads
-    over ~80 SMs: at batch 1 the step is the weights' bytes, and a GEMV that leaves SMs idle leaves bandwidth."""
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, split-K). Small output tiles and split-K so that a 1280-wide
+    projection still spreads over the SMs: at batch 1 the step is the weights' bytes, and a GEMV that leaves SMs
+    idle leaves bandwidth unused."""
     if kind in CONFIG_OVERRIDE:
-        return CONFIG_OVERRIDE[kind]
+        config = CONFIG_OVERRIDE[kind]
+        return tuple(config) + (1,) * (5 - len(config))
     if _interpreting():
         # The interpreter's cost is per operation, not per element: the largest tiles it allows.
-        return (2048, 256, 4, 1) if kind == "logits" else (512, 256, 4, 1)
+        return (2048, 256, 4, 1, 1) if kind == "logits" else (512, 256, 4, 1, 1)
     # From `benchmarks/decode_kernels.py --sweep` on an H100 (turbo shapes, batch 1 and 16): narrow tiles for the
-    # 1280-wide outputs (80 programs), wider ones where N alone gives enough programs.
+    # 1280-wide outputs (80 programs), wider ones where N alone gives enough programs; split-K only pays for the
+    # long reduction of fc2 (K = 4 d: 11.8 -> 8.6 us at batch 1); at K = 1280 the fixed cost of a launch dominates.
     if kind == "logits":
-        return (32, 256, 4, 2) if M <= 1 else (64, 256, 4, 4)
-    return (16 if N < 2048 else 32 if N < 4096 else 64), 256, 4, 4
+        return (32, 256, 4, 4, 1) if M <= 1 else (64, 256, 4, 4, 1)
+    if K >= 4096:
+        return 64, 256, 4, 4, 4
+    return (16 if N < 2048 else 32 if N < 4096 else 64), 256, 4, 4, 1
 
 
 def _check_half(*tensors):
@@ -281,7 +318,11 @@ def decode_embed(tokens, embed, positions, length, out, scale=1.0):
     return out
 
 
-def decode_linear(x, weight, bias, out, norm=None, gelu=False, residual=None, kv=None, length=None, kind=None):
+def decode_linear(x, weight, bias, out, norm=None, gelu=False, residual=None, kv=None, length=None, kind=None,
+                  workspace=None):
+    """See the module docstring. `workspace = (parts, counters)` (float32 of at least split * M * N elements,
+    int32 zeros of at least one per output tile, left zero by every call) enables split-K; without it the GEMV
+    runs unsplit. Calls that share a workspace must run one after another (one stream)."""
     _check_half(x, weight, out)
     M, K = x.shape
     N = weight.shape[0]
@@ -301,20 +342,30 @@ def decode_linear(x, weight, bias, out, norm=None, gelu=False, residual=None, kv
     else:
         k_cache = v_cache = out
         head_dim, cache_strides = 1, (0, 0, 0)
-    block_n, block_k, warps, stages = _config(kind or ("kv" if kv else "linear"), N, K, M)
+    block_n, block_k, warps, stages, split = _config(kind or ("kv" if kv else "linear"), N, K, M)
     block_m = _block_m(M)
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    if workspace is None or split * M * N > workspace[0].numel() or tiles > workspace[1].numel():
+        split = 1
+    parts, counters = workspace if split > 1 else (out, out)
     ln_w, ln_b, eps = norm if norm is not None else (weight, weight, 0.0)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split)
     _decode_linear_kernel[grid](
         x, weight, bias if bias is not None else weight, ln_w, ln_b, residual if residual is not None else out, out,
-        k_cache, v_cache, length if length is not None else out,
+        k_cache, v_cache, length if length is not None else out, parts, counters,
         M, N, K, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), *cache_strides,
         float(eps),
         HAS_LN=norm is not None, HAS_BIAS=bias is not None, GELU=gelu, HAS_RES=residual is not None,
         KV=kv is not None, D=N // 3 if kv is not None else 1, HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def decode_workspace(rows, widest, device, tiles=4096, split=4):
+    """(parts, counters) for `decode_linear`'s split-K, for outputs up to `widest` columns at `rows` rows."""
+    return (torch.empty(split * rows * widest, dtype=torch.float32, device=device),
+            torch.zeros(tiles, dtype=torch.int32, device=device))
 
 
 def decode_self_attention(q, k_cache, v_cache, length, out, scale):
@@ -346,7 +397,7 @@ def decode_logits(x, norm, embed, raw, scores=None, partial_v=None, partial_i=No
     masked = codes is not None
     if masked and (scores.stride() != raw.stride() or tuple(partial_v.shape) != (M, logits_blocks(N, M))):
         raise ValueError("decode_logits: scores like raw, partials (M, logits_blocks(vocab, M))")
-    block_n, block_k, warps, stages = _config("logits", N, K, M)
+    block_n, block_k, warps, stages, _ = _config("logits", N, K, M)
     block_m = _block_m(M)
     ln_w, ln_b, eps = norm
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))

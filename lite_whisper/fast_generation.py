@@ -15,6 +15,9 @@ Logits processors that are plain functions of the scores and the sequence so far
 min length / min new tokens, Whisper's timestamp rules) run on the GPU inside the graph; any other processor is
 applied eagerly between the graphed forward and the argmax ("hybrid" steps), which is still exact.
 
+In float16/bfloat16 at batch buckets up to DECODE_KERNELS_MAX_BATCH the graphed step runs on the Triton kernels of
+`lite_whisper.kernels.decode` (39 kernels a step instead of ~125; see that module); float32 keeps the PyTorch step.
+
 `LiteWhisperForConditionalGeneration` uses this by default on CUDA (`model.set_fast_generation(False)` turns it off);
 `enable_fast_generation(model)` gives a plain `WhisperForConditionalGeneration` the same path, so the two can be
 compared like for like.
@@ -699,6 +702,7 @@ class _DecoderState:
         self.attn = torch.zeros_like(self.hidden)
         self.mlp = torch.zeros(batch, ffn, dtype=dtype, device=device)
         blocks = self.kernels.logits_blocks(self.vocab, batch)
+        self.workspace = self.kernels.decode_workspace(batch, max(3 * self.d_model, ffn), device)
         self.partial_v = torch.zeros(batch, blocks, dtype=torch.float32, device=device)
         self.partial_i = torch.zeros(batch, blocks, dtype=torch.int32, device=device)
 
@@ -811,22 +815,23 @@ class _DecoderState:
 
     def _kernel_step(self, program):
         """The step on lite_whisper.kernels.decode: 8 kernels per layer plus embedding, logits and bookkeeping."""
-        kd, rows, eps = self.kernels, self.batch, self.eps
+        kd, rows, eps, ws = self.kernels, self.batch, self.eps, self.workspace
         h, q, attn = self.hidden, self.q, self.attn
         kd.decode_embed(self.tokens, self.embed, self.positions_table, self.length, h, self.embed_scale)
         for i, (ln1_w, ln1_b, qkv_w, qkv_b, o_w, o_b, ln2_w, ln2_b, cq_w, cq_b, co_w, co_b, ln3_w, ln3_b,
                 fc1_w, fc1_b, fc2_w, fc2_b) in enumerate(self.weights):
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            kd.decode_linear(h, qkv_w, qkv_b, q, norm=(ln1_w, ln1_b, eps), kv=(k_cache, v_cache), length=self.length)
+            kd.decode_linear(h, qkv_w, qkv_b, q, norm=(ln1_w, ln1_b, eps), kv=(k_cache, v_cache), length=self.length,
+                             workspace=ws)
             kd.decode_self_attention(q, k_cache, v_cache, self.length, attn, self.scaling)
-            kd.decode_linear(attn, o_w, o_b, h, residual=h)
-            kd.decode_linear(h, cq_w, cq_b, q, norm=(ln2_w, ln2_b, eps))
+            kd.decode_linear(attn, o_w, o_b, h, residual=h, workspace=ws)
+            kd.decode_linear(h, cq_w, cq_b, q, norm=(ln2_w, ln2_b, eps), workspace=ws)
             # Cross-attention over 1500 frames stays on SDPA: at batch >= 8 it already runs at the memory floor.
             heads = q.view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
             out = F.scaled_dot_product_attention(heads, self.cross_k[i], self.cross_v[i], scale=self.scaling)
-            kd.decode_linear(out.transpose(1, 2).reshape(rows, self.d_model), co_w, co_b, h, residual=h)
-            kd.decode_linear(h, fc1_w, fc1_b, self.mlp, norm=(ln3_w, ln3_b, eps), gelu=True)
-            kd.decode_linear(self.mlp, fc2_w, fc2_b, h, residual=h)
+            kd.decode_linear(out.transpose(1, 2).reshape(rows, self.d_model), co_w, co_b, h, residual=h, workspace=ws)
+            kd.decode_linear(h, fc1_w, fc1_b, self.mlp, norm=(ln3_w, ln3_b, eps), gelu=True, workspace=ws)
+            kd.decode_linear(self.mlp, fc2_w, fc2_b, h, residual=h, workspace=ws)
         norm = (*self.final_norm, eps)
         if program.codes is None:
             kd.decode_logits(h, norm, self.proj_out, self.raw)

@@ -28,7 +28,9 @@ def small_tiles(request, monkeypatch):
         return
     from lite_whisper.kernels import decode
 
-    monkeypatch.setattr(decode, "CONFIG_OVERRIDE", {kind: (16, 32, 4, 1) for kind in ("linear", "kv", "logits")})
+    # Split-K 2 where a workspace is passed (the tests pass one to some calls and not to others).
+    monkeypatch.setattr(decode, "CONFIG_OVERRIDE", {"linear": (16, 32, 4, 1, 2), "kv": (16, 32, 4, 1, 3),
+                                                    "logits": (16, 32, 4, 1)})
 
 
 def rel_err(out, ref):
@@ -42,13 +44,13 @@ def rnd(*shape, dtype=torch.float16, scale=1.0, g=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k,n,norm,gelu,residual", [
-    (1, 80, 40, True, False, False),   # batch 1, K and N not multiples of the tiles
-    (3, 64, 48, True, True, False),    # fc1: layer norm + GELU
-    (17, 96, 32, False, False, True),  # out_proj / fc2: residual add, rows over one tile
+@pytest.mark.parametrize("m,k,n,norm,gelu,residual,split", [
+    (1, 80, 40, True, False, False, True),   # batch 1, K and N not multiples of the tiles, split-K
+    (3, 64, 48, True, True, False, False),   # fc1: layer norm + GELU
+    (17, 96, 32, False, False, True, True),  # out_proj / fc2: residual add, rows over one tile, split-K
 ])
-def test_decode_linear_matches_reference(dtype, m, k, n, norm, gelu, residual):
-    from lite_whisper.kernels.decode import decode_linear
+def test_decode_linear_matches_reference(dtype, m, k, n, norm, gelu, residual, split):
+    from lite_whisper.kernels.decode import decode_linear, decode_workspace
     from lite_whisper.kernels.reference import decode_linear_reference
 
     g = torch.Generator().manual_seed(m * 1000 + k)
@@ -61,9 +63,13 @@ def test_decode_linear_matches_reference(dtype, m, k, n, norm, gelu, residual):
     ln = (1.0 + rnd(k, dtype=dtype, scale=0.1, g=g), rnd(k, dtype=dtype, scale=0.1, g=g), 1e-5) if norm else None
     res = rnd(m, n, dtype=dtype, g=g) if residual else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-    decode_linear(x, weight, bias, out, norm=ln, gelu=gelu, residual=res)
-    ref = decode_linear_reference(x, weight, bias, norm=ln, gelu=gelu, residual=res)
-    assert rel_err(out, ref) < TOL[dtype]
+    workspace = decode_workspace(m, n, DEVICE) if split else None
+    for _ in range(2):  # twice: the split-K counters must be left ready for the next call
+        decode_linear(x, weight, bias, out, norm=ln, gelu=gelu, residual=res, workspace=workspace)
+        ref = decode_linear_reference(x, weight, bias, norm=ln, gelu=gelu, residual=res)
+        assert rel_err(out, ref) < TOL[dtype]
+    if split:
+        assert not workspace[1].any()
 
 
 def test_decode_linear_residual_in_place():
@@ -80,7 +86,7 @@ def test_decode_linear_residual_in_place():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_linear_writes_q_and_the_kv_cache(dtype):
-    from lite_whisper.kernels.decode import decode_linear
+    from lite_whisper.kernels.decode import decode_linear, decode_workspace
     from lite_whisper.kernels.reference import decode_linear_reference
 
     g = torch.Generator().manual_seed(7)
@@ -94,7 +100,8 @@ def test_decode_linear_writes_q_and_the_kv_cache(dtype):
     k_before, v_before = k_cache.clone(), v_cache.clone()
     length = torch.tensor(6, device=DEVICE)  # the token sits at position 5
     q = torch.full((rows, d), float("nan"), dtype=dtype, device=DEVICE)
-    decode_linear(x, weight, bias, q, norm=ln, kv=(k_cache, v_cache), length=length)
+    decode_linear(x, weight, bias, q, norm=ln, kv=(k_cache, v_cache), length=length,
+                  workspace=decode_workspace(rows, 3 * d, DEVICE))  # split-K 3
     ref = decode_linear_reference(x, weight, bias, norm=ln).view(rows, 3, heads, head_dim)
     assert rel_err(q, ref[:, 0].reshape(rows, d)) < TOL[dtype]
     assert rel_err(k_cache[:, :, 5], ref[:, 1]) < TOL[dtype]
