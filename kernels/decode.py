@@ -70,6 +70,18 @@ def _row_stats(X, rows, row_ok, stride_xm, K: tl.constexpr, eps, BLOCK_M: tl.con
 
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output tile: program ids over (N, M) and its rows / columns with their bounds."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    return pid_n, pid_m, rows, row_ok, cols, col_ok
+
+
+@triton.jit
 def _norm_matmul(X, W, LNW, LNB, rows, row_ok, cols, col_ok, stride_xm, K: tl.constexpr, eps,
                  HAS_LN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  k_start=0, K_SPAN: tl.constexpr = 0):
@@ -128,12 +140,7 @@ def _decode_linear_kernel(
     D: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    pid_n, pid_m, rows, row_ok, cols, col_ok = _tile(M, N, BLOCK_M, BLOCK_N)
     ok = row_ok[:, None] & col_ok[None, :]
     if SPLIT == 1:
         acc = _norm_matmul(X, W, LNW, LNB, rows, row_ok, cols, col_ok, stride_xm, K, eps,
@@ -141,9 +148,9 @@ def _decode_linear_kernel(
         _linear_epilogue(acc, rows, row_ok, cols, col_ok, ok, BIAS, RES, Y, KC, VC, LEN, N, stride_rm, stride_ym,
                          stride_cm, stride_ch, stride_cp, HAS_BIAS, GELU, HAS_RES, KV, D, HEAD_DIM)
     else:
-        # Split-K: SPLIT programs per output tile, each over a slice of K, so that a 1280-wide projection at batch
-        # 1 still keeps ~160-320 SMs' worth of loads in flight. Each writes its float32 partial; the last to
-        # arrive (atomic counter) sums them in split order, so the result does not depend on timing.
+        # Split-K: SPLIT programs per output tile, each over a slice of K, which shortens each program's chain of
+        # loads on a long reduction (fc2, K = 4 d). Each writes its float32 partial; the last to arrive (atomic
+        # counter) sums them in split order, so the result does not depend on timing.
         pid_k = tl.program_id(2)
         span: tl.constexpr = ((K + SPLIT * BLOCK_K - 1) // (SPLIT * BLOCK_K)) * BLOCK_K
         acc = _norm_matmul(X, W, LNW, LNB, rows, row_ok, cols, col_ok, stride_xm, K, eps,
@@ -168,12 +175,7 @@ def _decode_logits_kernel(
     M, N, K: tl.constexpr, stride_xm, stride_om, stride_pm, eps, begin, below,
     MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    pid_n, pid_m, rows, row_ok, cols, col_ok = _tile(M, N, BLOCK_M, BLOCK_N)
     acc = _norm_matmul(X, W, LNW, LNB, rows, row_ok, cols, col_ok, stride_xm, K, eps, True, BLOCK_M, BLOCK_N, BLOCK_K)
     # The model computes its logits in its own dtype and the processors see them as float32.
     logits = acc.to(W.dtype.element_ty).to(tl.float32)

@@ -98,14 +98,7 @@ def decode_linear_reference(x, weight, bias=None, norm=None, gelu=False, residua
     if norm is not None:
         ln_w, ln_b, eps = norm
         x = F.layer_norm(x.float(), (x.shape[-1],), ln_w.float(), ln_b.float(), eps).to(weight.dtype)
-    y = x.float() @ weight.float().t()
-    if bias is not None:
-        y = y + bias.float()
-    if gelu:
-        y = F.gelu(y)
-    if residual is not None:
-        y = y + residual.float()
-    return y.to(x.dtype)
+    return fused_linear_reference(x, weight.t(), bias, gelu=gelu, residual=residual)
 
 
 def decode_self_attention_reference(q, k_cache, v_cache, length, scale):
