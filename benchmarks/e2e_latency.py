@@ -354,7 +354,7 @@ def real(args):
     long = [r for r in rows if r.get("long_form") or r["duration_s"] > 30]
     results = {"card": card_name(), "clips_short": len(short), "clips_long": len(long)}
 
-    def transcribe(model, clip_rows, batch=16, **kwargs):
+    def transcribe(model, clip_rows, batch=args.batch_size, **kwargs):
         out = []
         for i in range(0, len(clip_rows), batch):
             chunk = [audio[r["id"]] for r in clip_rows[i:i + batch]]
@@ -522,6 +522,7 @@ def main(argv=None):
     p.add_argument("--model", required=True)
     p.add_argument("--audio", required=True)
     p.add_argument("--pipeline-only", action="store_true", help="skip the exactness checks")
+    p.add_argument("--batch-size", type=int, default=16, help="generate() batch of the exactness checks")
     p.add_argument("--out", default="benchmarks/results/cuda")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -34,14 +34,25 @@ Contracts (references: `reference.decode_*_reference`; every function writes int
 Half precision only (float16, bfloat16): float32 models keep the PyTorch step, whose GEMVs are exact.
 """
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+try:  # Triton >= 3.3: programmatic dependent launch (Hopper and newer)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+
 # (BLOCK_N, BLOCK_K, num_warps, num_stages[, split-K]) per kind of GEMV; the benchmark may override them.
 CONFIG_OVERRIDE = {}
+# One-row GEMVs with K up to ROW_KERNEL_MAX_K take `_decode_row_kernel` where programmatic dependent launch is on
+# (without it the slab's loads cannot start before the previous kernel ends, and the tiled kernel measured faster);
+# each program holds at most ROW_KERNEL_SLAB weights (BLOCK_N x next_pow2(K)) in registers.
+ROW_KERNEL_MAX_K = 8192
+ROW_KERNEL_SLAB = 32768
 
 
 def _interpreting():
@@ -79,6 +90,17 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     return pid_n, pid_m, rows, row_ok, cols, col_ok
+
+
+@triton.jit
+def _chain(PDL: tl.constexpr):
+    """Programmatic dependent launch: a step is ~40 small kernels back to back, and each pays a launch and a ramp
+    of a few microseconds. With PDL the next kernel is launched as soon as every program of this one has started
+    (launch_dependents), and each kernel waits here until all earlier kernels have finished and their writes are
+    visible (wait), before it touches anything they write or read. Every kernel calls this first."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit
@@ -138,8 +160,9 @@ def _decode_linear_kernel(
     M, N, K: tl.constexpr, stride_xm, stride_rm, stride_ym, stride_cm, stride_ch, stride_cp, eps,
     HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr, KV: tl.constexpr,
     D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
+    _chain(PDL)
     pid_n, pid_m, rows, row_ok, cols, col_ok = _tile(M, N, BLOCK_M, BLOCK_N)
     ok = row_ok[:, None] & col_ok[None, :]
     if SPLIT == 1:
@@ -170,11 +193,46 @@ def _decode_linear_kernel(
 
 
 @triton.jit
+def _decode_row_kernel(
+    X, W, BIAS, LNW, LNB, RES, Y, KC, VC, LEN,
+    N, K: tl.constexpr, stride_cm, stride_ch, stride_cp, eps,
+    HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr, KV: tl.constexpr,
+    D: tl.constexpr, HEAD_DIM: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+):
+    """`_decode_linear_kernel` for one row and K <= K_PAD: each program loads its whole weight slab (BLOCK_N x K)
+    at once, before waiting for the previous kernel (the weights never depend on it), so the step's chain of
+    dependent loads is one round trip for x instead of one per K tile plus one for the layer-norm statistics."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    kk = tl.arange(0, K_PAD)
+    k_ok = kk < K
+    w = tl.load(W + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    _chain(PDL)
+    x = tl.load(X + kk, mask=k_ok, other=0.0).to(tl.float32)
+    if HAS_LN:
+        mean = tl.sum(x, axis=0) / K
+        centred = tl.where(k_ok, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
+        gamma = tl.load(LNW + kk, mask=k_ok, other=0.0).to(tl.float32)
+        beta = tl.load(LNB + kk, mask=k_ok, other=0.0).to(tl.float32)
+        x = centred * rstd * gamma + beta
+    x = x.to(W.dtype.element_ty).to(tl.float32)
+    acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    rows = tl.arange(0, 1)
+    row_ok = rows < 1
+    ok = row_ok[:, None] & col_ok[None, :]
+    _linear_epilogue(acc[None, :], rows, row_ok, cols, col_ok, ok, BIAS, RES, Y, KC, VC, LEN, N, 0, 0,
+                     stride_cm, stride_ch, stride_cp, HAS_BIAS, GELU, HAS_RES, KV, D, HEAD_DIM)
+
+
+@triton.jit
 def _decode_logits_kernel(
     X, W, LNW, LNB, RAW, SCORES, PART_V, PART_I, CODES, LEN,
     M, N, K: tl.constexpr, stride_xm, stride_om, stride_pm, eps, begin, below,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    _chain(PDL)
     pid_n, pid_m, rows, row_ok, cols, col_ok = _tile(M, N, BLOCK_M, BLOCK_N)
     acc = _norm_matmul(X, W, LNW, LNB, rows, row_ok, cols, col_ok, stride_xm, K, eps, True, BLOCK_M, BLOCK_N, BLOCK_K)
     # The model computes its logits in its own dtype and the processors see them as float32.
@@ -201,8 +259,9 @@ def _decode_logits_kernel(
 def _decode_finish_kernel(
     PART_V, PART_I, SEQ, TOKENS, UNFINISHED, LEN, DONE, EOS,
     B, P, stride_pm, stride_sm, stride_tm, n_eos, pad_id,
-    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr,
 ):
+    _chain(PDL)
     rows = tl.arange(0, BLOCK_B)
     row_ok = rows < B
     best_v = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
@@ -237,7 +296,8 @@ def _decode_finish_kernel(
 
 @triton.jit
 def _decode_embed_kernel(TOKENS, E, P, LEN, OUT, stride_tm, stride_om, scale,
-                         D: tl.constexpr, BLOCK_D: tl.constexpr):
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    _chain(PDL)
     m = tl.program_id(0)
     token = tl.load(TOKENS + m * stride_tm)
     pos = tl.load(LEN) - 1
@@ -250,7 +310,8 @@ def _decode_embed_kernel(TOKENS, E, P, LEN, OUT, stride_tm, stride_om, scale,
 
 @triton.jit
 def _decode_self_attention_kernel(Q, KC, VC, LEN, OUT, stride_qm, stride_om, stride_cm, stride_ch, stride_cp,
-                                  scale, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr):
+                                  scale, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    _chain(PDL)
     m = tl.program_id(0)
     h = tl.program_id(1)
     count = tl.load(LEN)
@@ -305,6 +366,25 @@ def _config(kind, N, K, M=1):
     return (16 if N < 2048 else 32 if N < 4096 else 64), 256, 4, 4, 1
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def _pdl(tensor):
+    """Launch options and flag for programmatic dependent launch: on CUDA devices of compute capability 9.0 and
+    newer with a Triton that has it; LITE_WHISPER_DECODE_PDL=0 turns it off."""
+    on = (gdc_wait is not None and not _interpreting() and tensor.device.type == "cuda"
+          and os.environ.get("LITE_WHISPER_DECODE_PDL", "1") != "0" and _capability(tensor.device.index or 0)[0] >= 9)
+    return ({"launch_pdl": True} if on else {}), on
+
+
+def _row_kernel(M, K, pdl):
+    """Whether a GEMV takes the one-row kernel: LITE_WHISPER_DECODE_ROW=auto (default: with PDL), 1 or 0."""
+    mode = os.environ.get("LITE_WHISPER_DECODE_ROW", "auto")
+    return M == 1 and K <= ROW_KERNEL_MAX_K and mode != "0" and (pdl or mode == "1")
+
+
 def _check_half(*tensors):
     for t in tensors:
         if t is not None and t.dtype not in (torch.float16, torch.bfloat16):
@@ -315,8 +395,9 @@ def decode_embed(tokens, embed, positions, length, out, scale=1.0):
     M, D = out.shape
     if embed.shape[1] != D or positions.shape[1] != D or not embed.is_contiguous() or not positions.is_contiguous():
         raise ValueError("decode_embed: embed and positions must be contiguous (rows, D) with the output's D")
+    launch, pdl = _pdl(out)
     _decode_embed_kernel[(M,)](tokens, embed, positions, length, out, tokens.stride(0), out.stride(0), float(scale),
-                               D=D, BLOCK_D=triton.next_power_of_2(D))
+                               D=D, BLOCK_D=triton.next_power_of_2(D), PDL=pdl, **launch)
     return out
 
 
@@ -344,13 +425,26 @@ def decode_linear(x, weight, bias, out, norm=None, gelu=False, residual=None, kv
     else:
         k_cache = v_cache = out
         head_dim, cache_strides = 1, (0, 0, 0)
+    ln_w, ln_b, eps = norm if norm is not None else (weight, weight, 0.0)
+    launch, pdl = _pdl(out)
+    if _row_kernel(M, K, pdl):
+        k_pad = triton.next_power_of_2(K)
+        block_n = max(1, min(16, ROW_KERNEL_SLAB // k_pad))
+        _decode_row_kernel[(triton.cdiv(N, block_n),)](
+            x, weight, bias if bias is not None else weight, ln_w, ln_b, residual if residual is not None else out,
+            out, k_cache, v_cache, length if length is not None else out,
+            N, K, *cache_strides, float(eps),
+            HAS_LN=norm is not None, HAS_BIAS=bias is not None, GELU=gelu, HAS_RES=residual is not None,
+            KV=kv is not None, D=N // 3 if kv is not None else 1, HEAD_DIM=head_dim,
+            K_PAD=k_pad, BLOCK_N=block_n, PDL=pdl, num_warps=8, **launch,
+        )
+        return out
     block_n, block_k, warps, stages, split = _config(kind or ("kv" if kv else "linear"), N, K, M)
     block_m = _block_m(M)
     tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     if workspace is None or split * M * N > workspace[0].numel() or tiles > workspace[1].numel():
         split = 1
     parts, counters = workspace if split > 1 else (out, out)
-    ln_w, ln_b, eps = norm if norm is not None else (weight, weight, 0.0)
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split)
     _decode_linear_kernel[grid](
         x, weight, bias if bias is not None else weight, ln_w, ln_b, residual if residual is not None else out, out,
@@ -360,6 +454,7 @@ def decode_linear(x, weight, bias, out, norm=None, gelu=False, residual=None, kv
         HAS_LN=norm is not None, HAS_BIAS=bias is not None, GELU=gelu, HAS_RES=residual is not None,
         KV=kv is not None, D=N // 3 if kv is not None else 1, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages,
+        PDL=pdl, **launch,
     )
     return out
 
@@ -375,10 +470,11 @@ def decode_self_attention(q, k_cache, v_cache, length, out, scale):
     heads, head_dim = k_cache.shape[1], k_cache.shape[3]
     if heads * head_dim != width or k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
         raise ValueError("decode_self_attention: q (M, H*d) and caches (M, H, max_len, d) with unit last stride")
+    launch, pdl = _pdl(out)
     _decode_self_attention_kernel[(M, heads)](
         q, k_cache, v_cache, length, out, q.stride(0), out.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), float(scale),
-        HEAD_DIM=head_dim, BLOCK_P=16 if _interpreting() else 64, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_P=16 if _interpreting() else 64, num_warps=4, PDL=pdl, **launch,
     )
     return out
 
@@ -403,11 +499,13 @@ def decode_logits(x, norm, embed, raw, scores=None, partial_v=None, partial_i=No
     block_m = _block_m(M)
     ln_w, ln_b, eps = norm
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    launch, pdl = _pdl(raw)
     _decode_logits_kernel[grid](
         x, embed, ln_w, ln_b, raw, scores if masked else raw, partial_v if masked else raw,
         partial_i if masked else raw, codes if masked else raw, length if masked else raw,
         M, N, K, x.stride(0), raw.stride(0), partial_v.stride(0) if masked else 0, float(eps), int(begin), int(below),
         MASKED=masked, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        PDL=pdl, **launch,
     )
     return raw
 
@@ -419,8 +517,10 @@ def decode_finish(partial_v, partial_i, sequences, tokens, unfinished, length, d
     # One program reads every row's partials: wide blocks, so that a batch-1 row (1,621 partials) takes one pass
     # of independent loads instead of a chain of dependent ones (17 us at 64 a pass on an H100).
     block_b = max(2, triton.next_power_of_2(B))
+    launch, pdl = _pdl(sequences)
     _decode_finish_kernel[(1,)](
         partial_v, partial_i, sequences, tokens, unfinished, length, done_len, eos if eos.numel() else length,
         B, P, partial_v.stride(0), sequences.stride(0), tokens.stride(0), eos.numel(), int(pad_id),
         BLOCK_B=block_b, BLOCK_P=max(16, min(triton.next_power_of_2(P), 4096 // block_b)), num_warps=8,
+        PDL=pdl, **launch,
     )

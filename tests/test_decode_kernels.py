@@ -44,14 +44,19 @@ def rnd(*shape, dtype=torch.float16, scale=1.0, g=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k,n,norm,gelu,residual,split", [
-    (1, 80, 40, True, False, False, True),   # batch 1, K and N not multiples of the tiles, split-K
-    (3, 64, 48, True, True, False, False),   # fc1: layer norm + GELU
-    (17, 96, 32, False, False, True, True),  # out_proj / fc2: residual add, rows over one tile, split-K
+@pytest.mark.parametrize("m,k,n,norm,gelu,residual,split,row_kernel", [
+    (1, 80, 40, True, False, False, True, False),   # batch 1, K and N not multiples of the tiles, split-K
+    (1, 80, 40, True, False, False, True, True),    # the same through the one-row kernel
+    (1, 64, 48, True, True, True, False, True),     # one row: layer norm, GELU and residual
+    (1, 3000, 24, False, False, True, True, True),  # one row, long K: a narrower slab (fc2)
+    (3, 64, 48, True, True, False, False, True),    # fc1: layer norm + GELU (several rows: tiled kernel)
+    (17, 96, 32, False, False, True, True, True),   # out_proj / fc2: residual add, rows over one tile, split-K
 ])
-def test_decode_linear_matches_reference(dtype, m, k, n, norm, gelu, residual, split):
+def test_decode_linear_matches_reference(dtype, m, k, n, norm, gelu, residual, split, row_kernel, monkeypatch):
     from lite_whisper.kernels.decode import decode_linear, decode_workspace
     from lite_whisper.kernels.reference import decode_linear_reference
+
+    monkeypatch.setenv("LITE_WHISPER_DECODE_ROW", "1" if row_kernel else "0")
 
     g = torch.Generator().manual_seed(m * 1000 + k)
     # A large offset and one outlier channel, as Whisper's decoder residual stream has: the layer norm must
@@ -72,25 +77,29 @@ def test_decode_linear_matches_reference(dtype, m, k, n, norm, gelu, residual, s
         assert not workspace[1].any()
 
 
-def test_decode_linear_residual_in_place():
+@pytest.mark.parametrize("rows", [2, 1])  # 1: the one-row kernel
+def test_decode_linear_residual_in_place(rows, monkeypatch):
+    monkeypatch.setenv("LITE_WHISPER_DECODE_ROW", "1")
     from lite_whisper.kernels.decode import decode_linear
     from lite_whisper.kernels.reference import decode_linear_reference
 
     g = torch.Generator().manual_seed(5)
-    x, weight, bias = rnd(2, 48, g=g), rnd(32, 48, scale=0.15, g=g), rnd(32, g=g)
-    hidden = rnd(2, 32, g=g)
+    x, weight, bias = rnd(rows, 48, g=g), rnd(32, 48, scale=0.15, g=g), rnd(32, g=g)
+    hidden = rnd(rows, 32, g=g)
     ref = decode_linear_reference(x, weight, bias, residual=hidden)
     decode_linear(x, weight, bias, hidden, residual=hidden)
     assert rel_err(hidden, ref) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_linear_writes_q_and_the_kv_cache(dtype):
+@pytest.mark.parametrize("rows", [3, 1])  # 1: the one-row kernel
+def test_decode_linear_writes_q_and_the_kv_cache(dtype, rows, monkeypatch):
+    monkeypatch.setenv("LITE_WHISPER_DECODE_ROW", "1")
     from lite_whisper.kernels.decode import decode_linear, decode_workspace
     from lite_whisper.kernels.reference import decode_linear_reference
 
     g = torch.Generator().manual_seed(7)
-    rows, d, heads, max_len, k = 3, 32, 2, 10, 48
+    d, heads, max_len, k = 32, 2, 10, 48
     head_dim = d // heads
     x = rnd(rows, k, dtype=dtype, g=g)
     weight, bias = rnd(3 * d, k, dtype=dtype, scale=k**-0.5, g=g), rnd(3 * d, dtype=dtype, g=g)
