@@ -9,8 +9,9 @@ Kernels (each with a PyTorch reference in `reference.py` and its contract in its
   * `linear.fused_linear`: GEMM with bias, exact GELU, residual add and fp16 clamp fused into the epilogue (used
     only where the same rule says it beats cuBLAS with its own epilogues).
   * `decode`: the decoder-step kernels of the fast generation path (`lite_whisper.fast_generation`): layer norm +
-    GEMV + bias/GELU/residual/K-V cache write, mask-free self-attention over the cache, logits + token masks +
-    argmax, and the step's bookkeeping; used for float16/bfloat16 steps replayed from CUDA graphs.
+    GEMV + bias/GELU/residual/K-V cache write, mask-free self-attention over the cache, split-KV cross-attention,
+    logits + token masks + argmax, and the step's bookkeeping; used for float16/bfloat16 steps replayed from CUDA
+    graphs, with programmatic dependent launch on Hopper and newer.
 `enable(model)` patches the encoder layers (see `encoder.py`: one GEMM for the q/k/v first factors, bias/GELU and
 bias/residual folded into cuBLAS epilogues); `disable(model)` restores the stock forward exactly.
 """

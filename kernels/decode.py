@@ -23,6 +23,10 @@ Contracts (references: `reference.decode_*_reference`; every function writes int
   (M, H, max_len, D/H) at position length - 1.
 * `decode_self_attention(q, k_cache, v_cache, length, out, scale)`: per row and head,
   softmax(scale * q k^T) v over cache positions 0 .. length - 1. q and out (M, H*d), caches (M, H, max_len, d).
+* `decode_cross_attention(q, k, v, out, scale, workspace)`: per row and head, softmax(scale * q k^T) v over all
+  frames of the encoder's keys/values k, v (M, H, T, d), split over programs of CROSS_BLOCK_T frames and merged in
+  a fixed order; `workspace` as for split-K. Used at batch 1 where PDL is on (`cross_attention_kernel`); SDPA
+  otherwise.
 * `decode_logits(x, norm, embed, raw, scores, partial_v, partial_i, codes, length, begin, below)`:
   raw = (LN(x) @ embed.T rounded to embed's dtype) in float32; with `codes` also scores = raw with -inf where
   the token mask says so (code bit 1: always; bit 2: when length == begin; bit 4: while length < below) and, per
@@ -30,6 +34,13 @@ Contracts (references: `reference.decode_*_reference`; every function writes int
 * `decode_finish(partial_v, partial_i, sequences, tokens, unfinished, length, done_len, eos, pad_id)`: the argmax
   of every row from the partials (first index of the maximum, as torch.argmax), padding for finished rows, append
   at position `length`, EOS bookkeeping, length += 1, and done_len = length once no row is unfinished.
+
+On compute capability 9.0 and newer every kernel is launched with programmatic dependent launch (`_chain`): it
+may start while the previous kernel runs and waits before touching anything an earlier kernel writes. What never
+changes during a step -- the weights, the cross-attention keys and values -- is loaded before that wait: at batch 1
+the GEMVs take a one-row kernel that holds its whole weight slab in registers, so the weight traffic of the next
+projection overlaps the previous kernel (H100, turbo, batch 1: 305 -> 230 us a step with the split-KV
+cross-attention; `benchmarks/NOTES_e2e.md`, v3).
 
 Half precision only (float16, bfloat16): float32 models keep the PyTorch step, whose GEMVs are exact.
 """
@@ -53,6 +64,10 @@ CONFIG_OVERRIDE = {}
 # each program holds at most ROW_KERNEL_SLAB weights (BLOCK_N x next_pow2(K)) in registers.
 ROW_KERNEL_MAX_K = 8192
 ROW_KERNEL_SLAB = 32768
+# Frames per program of the split-KV cross-attention.
+CROSS_BLOCK_T = 128
+# Block sizes under Triton's interpreter (CPU tests), whose cost is per program: one-row GEMV columns, frames.
+INTERPRETER_BLOCKS = {"row": 512, "cross": 512}
 
 
 def _interpreting():
@@ -336,6 +351,47 @@ def _decode_self_attention_kernel(Q, KC, VC, LEN, OUT, stride_qm, stride_om, str
     tl.store(OUT + m * stride_om + h * HEAD_DIM + d, (acc / total).to(OUT.dtype.element_ty))
 
 
+@triton.jit
+def _decode_cross_attention_kernel(Q, KC, VC, OUT, PARTS, COUNTERS, T, stride_qm, stride_om, stride_cm, stride_ch,
+                                   stride_cp, scale, H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+                                   SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, PDL: tl.constexpr):
+    """Split-KV attention of one query row over the encoder frames: SPLITS programs per (row, head), each over
+    BLOCK_T frames, write (max, sum, unnormalised output); the last to arrive merges them in split order."""
+    mh = tl.program_id(0)
+    split = tl.program_id(1)
+    m = mh // H
+    h = mh % H
+    ps = split * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = ps < T
+    d = tl.arange(0, HEAD_DIM)
+    cache = m * stride_cm + h * stride_ch + ps[:, None] * stride_cp + d[None, :]
+    # The cross-attention keys and values are written once per window, before any step: load them before waiting.
+    k = tl.load(KC + cache, mask=ok[:, None], other=0.0)
+    v = tl.load(VC + cache, mask=ok[:, None], other=0.0)
+    _chain(PDL)
+    q = tl.load(Q + m * stride_qm + h * HEAD_DIM + d).to(tl.float32) * scale
+    s = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+    best = tl.max(s, axis=0)
+    p = tl.exp(s - best)
+    part = PARTS + (mh * SPLITS + split) * (HEAD_DIM + 2)
+    tl.store(part + d, tl.sum(p[:, None] * v.to(tl.float32), axis=0))
+    tl.store(part + HEAD_DIM, best)
+    tl.store(part + HEAD_DIM + 1, tl.sum(p, axis=0))
+    tl.debug_barrier()  # every thread's partial is stored before the counter moves
+    arrived = tl.atomic_add(COUNTERS + mh, 1, sem="acq_rel")
+    if arrived == SPLITS - 1:
+        sp = tl.arange(0, SPLITS_P2)
+        s_ok = sp < SPLITS
+        parts = PARTS + (mh * SPLITS + sp) * (HEAD_DIM + 2)
+        bests = tl.load(parts + HEAD_DIM, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        sums = tl.load(parts + HEAD_DIM + 1, mask=s_ok, other=0.0, cache_modifier=".cg")
+        accs = tl.load(parts[:, None] + d[None, :], mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
+        weight = tl.where(s_ok, tl.exp(bests - tl.max(bests, axis=0)), 0.0)
+        out = tl.sum(accs * weight[:, None], axis=0) / tl.sum(sums * weight, axis=0)
+        tl.store(OUT + m * stride_om + h * HEAD_DIM + d, out.to(OUT.dtype.element_ty))
+        tl.store(COUNTERS + mh, 0)  # ready for the next launch (and graph replay)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------------------
@@ -429,7 +485,8 @@ def decode_linear(x, weight, bias, out, norm=None, gelu=False, residual=None, kv
     launch, pdl = _pdl(out)
     if _row_kernel(M, K, pdl):
         k_pad = triton.next_power_of_2(K)
-        block_n = max(1, min(16, ROW_KERNEL_SLAB // k_pad))
+        # The interpreter's cost is per program and operation: wide blocks there.
+        block_n = INTERPRETER_BLOCKS["row"] if _interpreting() else max(1, min(16, ROW_KERNEL_SLAB // k_pad))
         _decode_row_kernel[(triton.cdiv(N, block_n),)](
             x, weight, bias if bias is not None else weight, ln_w, ln_b, residual if residual is not None else out,
             out, k_cache, v_cache, length if length is not None else out,
@@ -475,6 +532,46 @@ def decode_self_attention(q, k_cache, v_cache, length, out, scale):
         q, k_cache, v_cache, length, out, q.stride(0), out.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), float(scale),
         HEAD_DIM=head_dim, BLOCK_P=16 if _interpreting() else 64, num_warps=4, PDL=pdl, **launch,
+    )
+    return out
+
+
+def cross_attention_kernel(rows, tensor):
+    """Whether `decode_cross_attention` should replace SDPA for a step of `rows` rows on `tensor`'s device:
+    LITE_WHISPER_DECODE_CROSS=auto (default: one row, with programmatic dependent launch; from 8 rows SDPA already
+    runs at the memory floor), 1 or 0."""
+    mode = os.environ.get("LITE_WHISPER_DECODE_CROSS", "auto")
+    return mode == "1" or (mode != "0" and rows == 1 and _pdl(tensor)[1])
+
+
+def cross_attention_workspace(rows, heads, frames, head_dim):
+    """float32 elements of `workspace[0]` that `decode_cross_attention` needs."""
+    return rows * heads * triton.cdiv(frames, _cross_block_t()) * (head_dim + 2)
+
+
+def _cross_block_t():
+    return INTERPRETER_BLOCKS["cross"] if _interpreting() else CROSS_BLOCK_T
+
+
+def decode_cross_attention(q, k, v, out, scale, workspace):
+    """softmax(scale q k^T) v per row and head over all frames of the cross-attention keys/values k, v (M, H, T, d),
+    q and out (M, H*d); `workspace = (parts, counters)` as `decode_workspace` makes them (counters left zero)."""
+    _check_half(q, k, out)
+    M, width = q.shape
+    heads, frames, head_dim = k.shape[1], k.shape[2], k.shape[3]
+    if heads * head_dim != width or k.stride() != v.stride() or k.stride(3) != 1 or tuple(out.shape) != (M, width):
+        raise ValueError("decode_cross_attention: q and out (M, H*d), k and v (M, H, T, d) alike, unit last stride")
+    parts, counters = workspace
+    if parts.numel() < cross_attention_workspace(M, heads, frames, head_dim) or counters.numel() < M * heads:
+        raise ValueError("decode_cross_attention: workspace too small for "
+                         f"{cross_attention_workspace(M, heads, frames, head_dim)} partials and {M * heads} counters")
+    block_t = _cross_block_t()
+    splits = triton.cdiv(frames, block_t)
+    launch, pdl = _pdl(out)
+    _decode_cross_attention_kernel[(M * heads, splits)](
+        q, k, v, out, parts, counters, frames, q.stride(0), out.stride(0), k.stride(0), k.stride(1), k.stride(2),
+        float(scale), H=heads, HEAD_DIM=head_dim, BLOCK_T=block_t, SPLITS=splits,
+        SPLITS_P2=triton.next_power_of_2(splits), PDL=pdl, num_warps=4, **launch,
     )
     return out
 

@@ -113,6 +113,15 @@ def decode_self_attention_reference(q, k_cache, v_cache, length, scale):
     return out.reshape(rows, width).to(q.dtype)
 
 
+def decode_cross_attention_reference(q, k, v, scale):
+    """softmax(scale q k^T) v over all frames, per row and head; q (M, H*d), k and v (M, H, T, d) -> (M, H*d)."""
+    rows, width = q.shape
+    heads, head_dim = k.shape[1], k.shape[3]
+    qh = q.float().view(rows, heads, 1, head_dim)
+    out = torch.softmax(scale * qh @ k.float().transpose(-1, -2), dim=-1) @ v.float()
+    return out.reshape(rows, width).to(q.dtype)
+
+
 def token_mask_codes(vocab, always=(), at_begin=(), below=()):
     """The int8 token-mask code `decode_logits` reads: bit 1 always masked, bit 2 at length == begin, bit 4 while
     length < below."""

@@ -662,6 +662,7 @@ class _DecoderState:
         self.v_cache = torch.zeros_like(self.k_cache)
         self.cross_k = None  # (n, b, h, frames, d), allocated for the encoder length on first use
         self.cross_v = None
+        self.cross_kernel = False
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=device)
         self.sequences = torch.zeros(b, self.max_len, dtype=torch.long, device=device)
         self.length = torch.zeros((), dtype=torch.long, device=device)  # tokens in the sequence before this step
@@ -725,6 +726,11 @@ class _DecoderState:
             self.cross_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.cross_v = torch.zeros_like(self.cross_k)
             self.graphs.clear()
+            kd = self.kernels
+            # The split-KV kernel where it pays (one row, with programmatic dependent launch), else SDPA.
+            self.cross_kernel = (kd is not None and kd.cross_attention_kernel(self.batch, self.hidden)
+                                 and self.workspace[0].numel()
+                                 >= kd.cross_attention_workspace(self.batch, self.heads, frames, self.head_dim))
         hidden = encoder_hidden.to(self.dtype)
         for i, layer in enumerate(self.layers):
             attn = layer.encoder_attn
@@ -773,7 +779,6 @@ class _DecoderState:
         self.raw[:rows].copy_(logits[:, -1].float())
 
     def _decode(self, tokens, index, span, rows):
-        count = tokens.shape[1]
         hidden = self.decoder.embed_tokens(tokens) * self.embed_scale
         hidden = (hidden + self.decoder.embed_positions.weight.index_select(0, index)).to(self.dtype)
         causal = self.positions[:span].unsqueeze(0) <= index.unsqueeze(1)  # (T, span)
@@ -826,10 +831,15 @@ class _DecoderState:
             kd.decode_self_attention(q, k_cache, v_cache, self.length, attn, self.scaling)
             kd.decode_linear(attn, o_w, o_b, h, residual=h, workspace=ws)
             kd.decode_linear(h, cq_w, cq_b, q, norm=(ln2_w, ln2_b, eps), workspace=ws)
-            # Cross-attention over 1500 frames stays on SDPA: at batch >= 8 it already runs at the memory floor.
-            heads = q.view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-            out = F.scaled_dot_product_attention(heads, self.cross_k[i], self.cross_v[i], scale=self.scaling)
-            kd.decode_linear(out.transpose(1, 2).reshape(rows, self.d_model), co_w, co_b, h, residual=h, workspace=ws)
+            if self.cross_kernel:
+                kd.decode_cross_attention(q, self.cross_k[i], self.cross_v[i], attn, self.scaling, ws)
+                out = attn
+            else:
+                # SDPA: from batch 8 it already runs at the memory floor.
+                heads = q.view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+                out = F.scaled_dot_product_attention(heads, self.cross_k[i], self.cross_v[i], scale=self.scaling)
+                out = out.transpose(1, 2).reshape(rows, self.d_model)
+            kd.decode_linear(out, co_w, co_b, h, residual=h, workspace=ws)
             kd.decode_linear(h, fc1_w, fc1_b, self.mlp, norm=(ln3_w, ln3_b, eps), gelu=True, workspace=ws)
             kd.decode_linear(self.mlp, fc2_w, fc2_b, h, residual=h, workspace=ws)
         norm = (*self.final_norm, eps)

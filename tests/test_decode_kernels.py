@@ -31,6 +31,7 @@ def small_tiles(request, monkeypatch):
     # Split-K 2 where a workspace is passed (the tests pass one to some calls and not to others).
     monkeypatch.setattr(decode, "CONFIG_OVERRIDE", {"linear": (16, 32, 4, 1, 2), "kv": (16, 32, 4, 1, 3),
                                                     "logits": (16, 32, 4, 1)})
+    monkeypatch.setattr(decode, "INTERPRETER_BLOCKS", {"row": 16, "cross": 32})
 
 
 def rel_err(out, ref):
@@ -137,6 +138,29 @@ def test_decode_self_attention_matches_reference(dtype, count):
     decode_self_attention(q, k_cache, v_cache, length, out, head_dim**-0.5)
     ref = decode_self_attention_reference(q, k_cache, v_cache, length, head_dim**-0.5)
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,frames", [(1, 150), (3, 64)])
+def test_decode_cross_attention_matches_reference(dtype, rows, frames):
+    from lite_whisper.kernels.decode import cross_attention_workspace, decode_cross_attention, decode_workspace
+    from lite_whisper.kernels.reference import decode_cross_attention_reference
+
+    g = torch.Generator().manual_seed(frames)
+    heads, head_dim = 2, 16
+    q = rnd(rows, heads * head_dim, dtype=dtype, g=g)
+    k = rnd(rows, heads, frames, head_dim, dtype=dtype, g=g)
+    v = rnd(rows, heads, frames, head_dim, dtype=dtype, g=g)
+    # One frame in the last split dominates row 0's first head: the merge must rescale the earlier splits.
+    k[0, 0, frames - 3] = q[0, :head_dim] * 4
+    out = torch.full((rows, heads * head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    workspace = decode_workspace(rows, cross_attention_workspace(rows, heads, frames, head_dim), DEVICE, split=1)
+    for _ in range(2):  # twice: the counters must be left ready for the next call
+        decode_cross_attention(q, k, v, out, head_dim**-0.5, workspace)
+        assert rel_err(out, decode_cross_attention_reference(q, k, v, head_dim**-0.5)) < TOL[dtype]
+    assert not workspace[1].any()
+    with pytest.raises(ValueError, match="workspace too small"):
+        decode_cross_attention(q, k, v, out, 1.0, (workspace[0][:10], workspace[1]))
 
 
 def test_decode_embed_matches_reference():
@@ -253,16 +277,23 @@ def test_kernel_step_gives_the_pytorch_steps_tokens(whisper_base_dir, processor,
         return original(self, program)
 
     monkeypatch.setattr(fast_generation._DecoderState, "_kernel_step", counting)
-    results = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("LITE_WHISPER_DECODE_KERNELS", flag)
+    def run(kernels, row_and_cross, batches, timestamps):
+        monkeypatch.setenv("LITE_WHISPER_DECODE_KERNELS", kernels)
+        monkeypatch.setenv("LITE_WHISPER_DECODE_ROW", row_and_cross)
+        monkeypatch.setenv("LITE_WHISPER_DECODE_CROSS", row_and_cross)
         enable_fast_generation(model)  # drops the cached decoder states
         with fast_generation.eager_loop_on_any_device():
-            results[flag] = [
-                model.generate(features, language="en", task="transcribe", min_new_tokens=4, max_new_tokens=8),
-                model.generate(features, language="en", task="transcribe", return_timestamps=True,
-                               max_new_tokens=5),
-            ]
+            out = [model.generate(batch, language="en", task="transcribe", min_new_tokens=4, max_new_tokens=8)
+                   for batch in batches]
+            if timestamps:
+                out.append(model.generate(features, language="en", task="transcribe", return_timestamps=True,
+                                          max_new_tokens=5))
+        return out
+
+    torch_step = run("0", "0", (features, features[:1]), True)
+    kernels = run("1", "0", (features,), True)
+    # The one-row GEMV and the split-KV cross-attention, which a GPU takes with programmatic dependent launch.
+    row_and_cross = run("1", "1", (features[:1],), False)
     assert any(steps) and not all(steps)  # both the fused-processor and the timestamp variants ran
-    for torch_step, kernel_step in zip(results["0"], results["1"]):
-        assert torch.equal(torch_step, kernel_step)
+    assert torch.equal(torch_step[0], kernels[0]) and torch.equal(torch_step[2], kernels[1])
+    assert torch.equal(torch_step[1], row_and_cross[0])
