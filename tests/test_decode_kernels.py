@@ -292,8 +292,26 @@ def test_kernel_step_gives_the_pytorch_steps_tokens(whisper_base_dir, processor,
 
     torch_step = run("0", "0", (features, features[:1]), True)
     kernels = run("1", "0", (features,), True)
-    # The one-row GEMV and the split-KV cross-attention, which a GPU takes with programmatic dependent launch.
+    # The one-row GEMV and the split-KV cross-attention, which a GPU takes with programmatic dependent launch;
+    # counted, so that a silent fallback to the tiled GEMV or SDPA fails the test.
+    from lite_whisper.kernels import decode
+
+    taken = {"row": 0, "cross": 0}
+    row_kernel, cross_attention = decode._row_kernel, decode.decode_cross_attention
+
+    def counting_row(*args):
+        chosen = row_kernel(*args)
+        taken["row"] += chosen
+        return chosen
+
+    def counting_cross(*args, **kwargs):
+        taken["cross"] += 1
+        return cross_attention(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "_row_kernel", counting_row)
+    monkeypatch.setattr(decode, "decode_cross_attention", counting_cross)
     row_and_cross = run("1", "1", (features[:1],), False)
+    assert taken["row"] > 0 and taken["cross"] > 0, taken
     assert any(steps) and not all(steps)  # both the fused-processor and the timestamp variants ran
     assert torch.equal(torch_step[0], kernels[0]) and torch.equal(torch_step[2], kernels[1])
     assert torch.equal(torch_step[1], row_and_cross[0])
