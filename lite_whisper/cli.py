@@ -27,9 +27,10 @@ logger = get_logger(__name__)
 # agree. The options themselves default to None, which means "the library default".
 SHOWN_DEFAULTS = {"mode": "one-shot", "refine_steps": None}
 # How refine_steps=None resolves (lite_whisper.compress.AUTO_REFINE_BELOW / AUTO_REFINE_STEPS; test_cli checks).
-AUTO_REFINE_BELOW, AUTO_REFINE_STEPS = 0.75, 400
+AUTO_REFINE_BELOW, AUTO_REFINE_STEPS = 0.75, 300
 REFINE_DEFAULT_TEXT = (f"default: 0 at --target-encoder-size {AUTO_REFINE_BELOW} and above or with --rank-threshold,"
-                       f" {AUTO_REFINE_STEPS} below")
+                       f" {AUTO_REFINE_STEPS} per layer below")
+REFINE_MODES = ("layer", "layer-sequential", "encoder")
 DTYPE_CHOICES = ("float16", "bfloat16", "float32")
 _DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
 
@@ -147,6 +148,11 @@ def add_convert_arguments(parser):
                         help=f"calibration mode (default: {SHOWN_DEFAULTS['mode']})")
     parser.add_argument("--refine-steps", type=_int_at_least(0), default=None, metavar="N",
                         help=f"label-free refinement steps; 0 disables it ({REFINE_DEFAULT_TEXT})")
+    parser.add_argument("--refine-mode", choices=REFINE_MODES, default=None,
+                        help="layer: each layer learns to reproduce the original layer's output (steps per layer);"
+                             " layer-sequential: the same from the compressed layers' outputs; encoder: all layers"
+                             " together against the original encoder's output (default: layer, or encoder with"
+                             " --mode sequential)")
     parser.add_argument("--save-dtype", type=dtype_name, choices=DTYPE_CHOICES, default="float16",
                         help="dtype of the saved weights; loading on CPU upcasts to float32 unless asked otherwise"
                              " (default: %(default)s)")
@@ -176,7 +182,7 @@ def run_convert(args):
         args.base_model, args.output_dir, calibration=args.calibration,
         num_calibration_samples=args.num_calibration_samples, rank_threshold=args.rank_threshold,
         target_encoder_size=args.target_encoder_size, mode=args.mode, refine_steps=args.refine_steps,
-        dtype=args.save_dtype, overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private,
+        refine_mode=args.refine_mode, dtype=args.save_dtype, overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private,
         revision=args.revision, device=args.device, progress=not args.no_progress,
         base_model_name=args.base_model_name, license=args.license, processor=args.processor,
     )

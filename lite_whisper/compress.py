@@ -52,7 +52,7 @@ from .modeling_lite_whisper import LowRankLinear, encoder_parameter_report, enco
 from .ranks import (
     allocate_ranks, allocate_ranks_by_threshold, choose_rank, dense_params, low_rank_params, saving_rank_limit,
 )
-from .refine import refine_encoder, refinement_objective
+from .refine import refine_encoder, refine_layers, refinement_objective
 from .statistics import Spectrum, StreamingStatistics, explained_variance, records_inputs, spectrum_from_statistics
 from .utils import get_logger
 
@@ -63,10 +63,14 @@ STATISTICS_FRAMES = ("speech", "all")
 BUDGET_RULES = ("variance", "threshold")
 REFINE_PRECISIONS = ("float32", "bfloat16")
 REFINE_LOSSES = ("mse", "decoder", "standardized", "transcripts")
-# Below this target size the default refines (AUTO_REFINE_STEPS steps); at and above it, refinement did not lower
+REFINE_MODES = ("encoder", "layer", "layer-sequential")
+# Below this target size the default refines (AUTO_REFINE_STEPS steps per layer); at and above it, refinement did not lower
 # real-speech WER (see CompressionSettings).
 AUTO_REFINE_BELOW = 0.75
-AUTO_REFINE_STEPS = 400
+AUTO_REFINE_STEPS = 300
+# Peak learning rates by refinement mode: layer-wise problems are small and well conditioned, and took 5x the
+# end-to-end rate best (benchmarks/results/defaults_gpu.md, plans j-l); end-to-end at 5e-4 diverged from the PCA start.
+REFINE_LRS = {"encoder": 1e-4, "layer": 5e-4, "layer-sequential": 5e-4}
 
 
 @dataclass
@@ -80,9 +84,10 @@ class CompressionSettings:
     at 0.8, 12.6 with the scaling), one-shot statistics from speech frames of the bundled clips plus one speed- and
     noise-perturbed copy of each (11.2-11.7 over three seeds, +22% to +28%), and no refinement at 0.8 and above:
     the label-free refinement lowered its loss but not the real-speech WER there (200 steps: 15.8, 800: 15.0, vs
-    15.9 without), while below 0.75 it is what keeps the model from looping (0.5 without refinement: 71-147 WER;
-    400 steps at lr 1e-4: 31.3), so `refine_steps=None` means 0 at `AUTO_REFINE_BELOW` and above, else
-    `AUTO_REFINE_STEPS`.
+    15.9 without; layer-wise, 800 steps per layer: 10.9-11.3, for more CPU time than the default may take), while
+    below 0.75 it is what keeps the model from looping (0.5 without refinement: 71-147 WER; 300 layer-wise steps per
+    layer: 30.7-31.4), so `refine_steps=None` means 0 at `AUTO_REFINE_BELOW` and above, else `AUTO_REFINE_STEPS`
+    layer-wise steps per layer (0.65: 15.7-17.5 over three seeds, against 18.5 for the earlier end-to-end default).
 
     Args:
         attention_threshold: explained-variance threshold for q_proj, k_proj, v_proj and out_proj, in (0, 1]; used
@@ -95,7 +100,8 @@ class CompressionSettings:
         refine_steps: optimisation steps of the label-free refinement; 0 disables it; None (default) chooses by size:
             0 when `target_size` is None or at least `AUTO_REFINE_BELOW`, else `AUTO_REFINE_STEPS`.
         refine_batch_size: inputs per batch; statistics, teacher outputs and refinement steps share the batches.
-        refine_lr: peak AdamW learning rate of the refinement (after a linear warm-up, then cosine decay).
+        refine_lr: peak AdamW learning rate of the refinement (after a linear warm-up, then cosine decay); None:
+            `REFINE_LRS[refine_mode]` (5e-4 layer-wise, 1e-4 end to end).
         refine_warmup_steps: linear warm-up steps (at most a quarter of the steps).
         refine_weight_decay: AdamW weight decay.
         refine_speech_share: None weighs every frame alike in the refinement loss; a share s in (0, 1) gives
@@ -106,6 +112,12 @@ class CompressionSettings:
             "standardized" (each channel divided by its standard deviation) or "transcripts" (KL divergence of the
             decoder's next-token distributions on the original model's own transcripts; `refine.TranscriptObjective`;
             full windows only).
+        refine_mode: "layer" trains each layer alone to reproduce the original layer's output from the original's
+            inputs (`refine.refine_layers`; `refine_steps` steps per layer); "layer-sequential" the same from the
+            outputs of the compressed layers before it; "encoder" trains all factors together against the
+            original encoder's last hidden state (`refine_loss`). None (default): "layer" with one-shot statistics
+            and the "mse" loss, else "encoder". At 0.65 layer-wise measured 15.7-17.5 real-speech WER against
+            17.3-18.7 end to end, at 0.5 30.7-31.4 against 31.3, and cost less per step.
         refine_precision: "float32", or "bfloat16" to run the refinement's forward and backward passes under
             bfloat16 autocast (weights, optimiser and loss stay float32).
         crop_padding: None runs every input as Whisper's full 30 s window; a share p keeps only the speech frames plus
@@ -133,13 +145,14 @@ class CompressionSettings:
     mode: str = "one-shot"
     refine_steps: int | None = None
     refine_batch_size: int = 4
-    refine_lr: float = 1e-4
+    refine_lr: float | None = None
     refine_warmup_steps: int = 10
     refine_weight_decay: float = 0.0
     refine_speech_share: float | None = 0.5
     refine_layer_norms: bool = False
     refine_precision: str = "float32"
     refine_loss: str = "mse"
+    refine_mode: str | None = None
     # Crops (0.25, 10 s) cost about a quarter per refinement step but measured +194 % relative WER on real speech at
     # 0.8 (benchmarks/results/defaults.md); the default stays on full 30 s windows until crops measure as well.
     crop_padding: float | None = None
@@ -186,6 +199,10 @@ class CompressionSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.refine_mode is None:
+            self.refine_mode = "layer" if self.mode == "one-shot" and self.refine_loss == "mse" else "encoder"
+        if self.refine_lr is None:
+            self.refine_lr = REFINE_LRS.get(self.refine_mode, REFINE_LRS["encoder"])
         if not self.refine_lr > 0:
             raise ValueError(f"refine_lr must be positive, got {self.refine_lr!r}")
         if self.refine_weight_decay < 0:
@@ -196,6 +213,10 @@ class CompressionSettings:
             raise ValueError(f"refine_loss must be one of {', '.join(REFINE_LOSSES)}, got {self.refine_loss!r}")
         if self.refine_loss == "transcripts" and self.crop_padding is not None:
             raise ValueError("refine_loss='transcripts' needs full 30 s windows: set crop_padding=None")
+        if self.refine_mode not in REFINE_MODES:
+            raise ValueError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, got {self.refine_mode!r}")
+        if self.refine_mode != "encoder" and (self.mode != "one-shot" or self.refine_loss != "mse"):
+            raise ValueError(f"refine_mode={self.refine_mode!r} needs mode='one-shot' and refine_loss='mse'")
         if self.refine_precision not in REFINE_PRECISIONS:
             raise ValueError(f"refine_precision must be one of {', '.join(REFINE_PRECISIONS)}, got {self.refine_precision!r}")
         if self.budget_rule not in BUDGET_RULES:
@@ -368,6 +389,9 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
     # after the final layer norm, are exactly the teacher's outputs, so no second pass is needed.
     teacher = None
     fixed_ranks = None
+    # Layer-wise refinement starts again from the stem's outputs (the statistics pass replaces `hidden` in threshold
+    # mode).
+    stem = hidden if settings.refine_steps > 0 and settings.refine_mode != "encoder" else None
     if settings.target_size is not None:
         # Budget mode needs every layer's spectrum before any rank is chosen: one one-shot pass first.
         h = hidden
@@ -421,7 +445,22 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
     del hidden
 
     refine_report = {"steps": settings.refine_steps}
-    if settings.refine_steps > 0 and factors:
+    if stem is not None and factors:
+        teacher = None  # layer-wise: the targets are each original layer's outputs, recomputed as it goes
+        layers = [copy.deepcopy(layer) for layer in encoder.layers]
+        for i, layer in enumerate(layers):
+            apply(layer, i, LOW_RANK_KEYS)
+        clock = time.perf_counter()
+        initial, final = refine_layers(encoder.layers, layers, stem, batches, settings, device, progress)
+        timings["refinement_s"] = time.perf_counter() - clock
+        for (i, key) in list(factors):
+            module = encoder_projection(layers[i], key)
+            factors[(i, key)] = (module.weight1.detach(), module.weight2.detach(), module.bias.detach())
+        refine_report.update({"mode": settings.refine_mode, "steps_per_layer": settings.refine_steps,
+                              "initial_loss": initial, "final_loss": final, "batch_size": settings.refine_batch_size,
+                              "lr": settings.refine_lr})
+        del layers
+    elif settings.refine_steps > 0 and factors:
         if teacher is None:
             # Sequential mode: the working encoder's layers are already compressed; swap the originals in.
             clock = time.perf_counter()
@@ -444,8 +483,8 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
         for (i, key) in list(factors):
             module = encoder_projection(student.layers[i], key)
             factors[(i, key)] = (module.weight1.detach(), module.weight2.detach(), module.bias.detach())
-        refine_report.update({"initial_loss": initial, "final_loss": final, "batch_size": settings.refine_batch_size,
-                              "lr": settings.refine_lr, "teacher": "statistics pass" if settings.mode == "one-shot"
+        refine_report.update({"mode": "encoder", "initial_loss": initial, "final_loss": final,
+                              "batch_size": settings.refine_batch_size, "lr": settings.refine_lr, "teacher": "statistics pass" if settings.mode == "one-shot"
                               else "separate pass"})
     del teacher
 

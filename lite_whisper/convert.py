@@ -359,6 +359,7 @@ def convert(
     target_encoder_size=None,
     mode=None,
     refine_steps=None,
+    refine_mode=None,
     dtype="float16",
     overwrite=False,
     push_to_hub=None,
@@ -383,7 +384,10 @@ def convert(
         target_encoder_size: fraction of the original encoder's parameters to keep, in (0, 1]; overrides the
             thresholds. When neither is given: 0.8 (`DEFAULT_TARGET_SIZE`), the default everywhere.
         mode: "sequential" or "one-shot" calibration (None: the library default).
-        refine_steps: steps of the label-free refinement (None: the library default; 0 disables it).
+        refine_steps: steps of the label-free refinement, per layer in the layer-wise modes (None: the library
+            default; 0 disables it).
+        refine_mode: "layer", "layer-sequential" or "encoder" (None: the library default, layer-wise; see
+            `CompressionSettings.refine_mode`).
         dtype: dtype of the saved weights: float16 (default), bfloat16 or float32.
         overwrite: replace a non-empty `output_dir`.
         push_to_hub: a Hub repo id to create (if needed) and upload the folder to.
@@ -410,7 +414,7 @@ def convert(
     elif target is not None and rank_threshold is not None:
         logger.warning("both a rank threshold and a target encoder size were given: the target size %g is used", target)
     dtype = parse_dtype(dtype)
-    settings = _settings(attention_threshold, mlp_threshold, target, mode, refine_steps)
+    settings = _settings(attention_threshold, mlp_threshold, target, mode, refine_steps, refine_mode)
     output_dir = Path(output_dir).expanduser()
     try:
         check_output_dir(output_dir, overwrite)
@@ -492,7 +496,7 @@ def convert(
     return folder
 
 
-def _settings(attention_threshold, mlp_threshold, target, mode, refine_steps):
+def _settings(attention_threshold, mlp_threshold, target, mode, refine_steps, refine_mode=None):
     from .compress import CompressionSettings
 
     kwargs = {"attention_threshold": attention_threshold, "mlp_threshold": mlp_threshold, "target_size": target}
@@ -502,6 +506,8 @@ def _settings(attention_threshold, mlp_threshold, target, mode, refine_steps):
         if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
             raise ConversionError(f"refine steps must be a non-negative integer, got {refine_steps!r}")
         kwargs["refine_steps"] = refine_steps
+    if refine_mode is not None:
+        kwargs["refine_mode"] = refine_mode
     settings = CompressionSettings(**kwargs)
     try:
         settings.validate()
@@ -513,7 +519,9 @@ def _settings(attention_threshold, mlp_threshold, target, mode, refine_steps):
 def _describe(settings):
     size = (f"target encoder size {settings.target_size:g}" if settings.target_size is not None
             else f"rank threshold {settings.attention_threshold:g}:{settings.mlp_threshold:g}")
-    return f"{size}, {settings.mode} calibration, {settings.refine_steps} refinement steps"
+    refinement = (f"{settings.refine_steps} {settings.refine_mode}-wise refinement steps" if settings.refine_steps
+                  and settings.refine_mode != "encoder" else f"{settings.refine_steps} refinement steps")
+    return f"{size}, {settings.mode} calibration, {refinement}"
 
 
 def _dtype_kwargs(torch_dtype):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibration import _encoder_forward
+from .calibration import _attention_block, _encoder_forward, _mlp_block
 from .modeling_lite_whisper import LowRankLinear
 
 
@@ -72,7 +72,11 @@ def frame_loss(output, target, speech, speech_share, metric=None):
     difference = output - target
     if metric is not None:
         difference = difference @ metric
-    error = (difference ** 2).mean(dim=-1)
+    return weighted_frames((difference ** 2).mean(dim=-1), speech, speech_share)
+
+
+def weighted_frames(error, speech, speech_share):
+    """Mean of a per-frame error, speech frames weighing `speech_share` (None: every frame alike)."""
     if speech_share is None:
         return error.mean()
     if not (~speech).any() or not speech.any():
@@ -157,10 +161,18 @@ def refine_encoder(encoder, batches, objective, settings, device, progress=True)
     the next batch of a seeded shuffled order. Returns (initial loss, final loss) as running averages over the first
     and last 10% of steps.
     """
+    return _optimise(encoder, lambda index: _encoder_forward(encoder, batches[index].features.to(device)), objective,
+                     len(batches), batches, settings, device, progress)
+
+
+def _optimise(module, forward, objective, n_batches, batches, settings, device, progress, bar=None):
+    """`settings.refine_steps` AdamW steps on the low-rank factors of `module`, one batch a step (seeded order).
+
+    `bar`: a tqdm bar to advance a step at a time instead of a bar of its own."""
     from tqdm.auto import tqdm
 
-    params = _trainable(encoder, settings.refine_layer_norms)
-    if not params or not batches:
+    params = _trainable(module, settings.refine_layer_norms)
+    if not params or not n_batches:
         return None, None
     steps = settings.refine_steps
     warmup = min(settings.refine_warmup_steps, steps // 4)
@@ -169,28 +181,81 @@ def refine_encoder(encoder, batches, objective, settings, device, progress=True)
     generator = torch.Generator().manual_seed(settings.seed)
     order, cursor = [], 0
     losses = []
-    encoder.train(False)  # dropout stays off: Whisper's is 0 anyway, and the targets come from eval mode
+    module.train(False)  # dropout stays off: Whisper's is 0 anyway, and the targets come from eval mode
     with torch.enable_grad():
-        for _step in tqdm(range(steps), desc="refine", unit="step", disable=not progress):
+        for _step in tqdm(range(steps), desc="refine", unit="step", disable=not progress or bar is not None):
             if cursor >= len(order):
-                order, cursor = torch.randperm(len(batches), generator=generator).tolist(), 0
+                order, cursor = torch.randperm(n_batches, generator=generator).tolist(), 0
             index = order[cursor]
             cursor += 1
-            batch = batches[index]
             # bfloat16 autocast roughly halves a step on CPUs with AVX512-BF16 / AMX and on GPUs; the factors, the
             # optimiser state and the loss stay float32.
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.refine_precision == "bfloat16"):
-                output = _encoder_forward(encoder, batch.features.to(device))
-            loss = objective(index, output.float(), batch)
+                output = forward(index)
+            loss = objective(index, output.float(), batches[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
-    for p in encoder.parameters():
+            if bar is not None:
+                bar.update(1)
+    for p in module.parameters():
         p.requires_grad_(False)
     window = max(1, steps // 10)
     return float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
 
 
-__all__ = ["TranscriptObjective", "refinement_objective", "refine_encoder", "frame_loss", "lr_factor", "decoder_metric", "standardizing_metric"]
+def layer_loss(output, target, speech, speech_share):
+    """Squared error of one layer's output per frame, relative to the frame's mean square in the original.
+
+    The residual stream's scale differs from frame to frame (and a few channels are very large), and the next layer
+    norm divides each frame by its own scale: the relative error is what the next layer sees.
+    """
+    error = ((output - target) ** 2).mean(dim=-1) / target.pow(2).mean(dim=-1).clamp_min(1e-12)
+    return weighted_frames(error, speech, speech_share)
+
+
+def refine_layers(original_layers, layers, hidden, batches, settings, device, progress=True):
+    """Layer-wise reconstruction: train each compressed layer to reproduce the original layer's output.
+
+    `original_layers[i]` and `layers[i]` (its compressed copy, trained in place) are encoder layers; `hidden` are the
+    original encoder's hidden states entering layer 0 (one tensor per batch of `batches`). With `settings.refine_mode`
+    "layer" every layer learns from the original's inputs (independent problems); with "layer-sequential" from the
+    outputs of the already refined compressed layers before it, so it also learns to undo their error. The targets
+    are recomputed layer by layer, so only one layer boundary is held at a time (as in the statistics pass). Each
+    layer takes `settings.refine_steps` steps. Returns (initial, final) mean losses over the layers.
+    """
+    from tqdm.auto import tqdm
+
+    def forward(layer, x):
+        return _mlp_block(layer, _attention_block(layer, x))
+
+    firsts, lasts = [], []
+    original_in, student_in = hidden, hidden
+    bar = tqdm(total=len(layers) * settings.refine_steps, desc=f"refine ({len(layers)} layers)", unit="step",
+               disable=not progress)
+    for original, layer in zip(original_layers, layers):
+        with torch.no_grad():
+            targets = [forward(original, x) for x in original_in]
+        inputs = original_in if settings.refine_mode == "layer" else student_in
+
+        def objective(index, output, batch, targets=targets):
+            return layer_loss(output, targets[index], batch.speech.to(device), settings.refine_speech_share)
+
+        first, last = _optimise(layer, lambda index, layer=layer, inputs=inputs: forward(layer, inputs[index]),
+                                objective, len(batches), batches, settings, device, progress, bar)
+        if first is not None:
+            firsts.append(first)
+            lasts.append(last)
+        if settings.refine_mode == "layer-sequential":
+            with torch.no_grad():
+                student_in = [forward(layer, x) for x in student_in]
+        original_in = targets
+    bar.close()
+    if not firsts:
+        return None, None
+    return float(np.mean(firsts)), float(np.mean(lasts))
+
+
+__all__ = ["TranscriptObjective", "refinement_objective", "refine_encoder", "frame_loss", "layer_loss", "refine_layers", "lr_factor", "decoder_metric", "standardizing_metric"]

@@ -96,7 +96,7 @@ def test_augmentation_keeps_teacher_student_pairing(tiny_whisper, monkeypatch):
     monkeypatch.setattr(compress_module, "_embed", teacher_embed)  # the statistics pass, whose output is the teacher
     monkeypatch.setattr(calibration, "_embed", student_embed)  # the refinement's encoder forward
     settings = CompressionSettings(target_size=0.9, refine_steps=4, refine_batch_size=2, augmentations="speed,noise,"
-                                   "specaugment", augment_copies=1, seed=5)
+                                   "specaugment", augment_copies=1, seed=5, refine_mode="encoder")
     result = compress(model, _clips(4), feature_extractor, settings, device="cpu", progress=False)
     assert result.report["calibration"]["augmented_inputs"] == 4
     assert len(teacher_inputs) == 4 and len(student_inputs) == 4  # 8 inputs in batches of 2; 4 steps
@@ -125,7 +125,8 @@ def test_refinement_losses_and_bfloat16_change_the_refinement(tiny_whisper):
     model, feature_extractor = tiny_whisper
 
     def run(**kwargs):
-        settings = CompressionSettings(refine_steps=3, refine_batch_size=2, rank_multiple=8, augment_copies=0, **kwargs)
+        settings = CompressionSettings(refine_steps=3, refine_batch_size=2, rank_multiple=8, augment_copies=0,
+                                       refine_mode="encoder", **kwargs)
         result = compress(model, _clips(4), feature_extractor, settings, device="cpu", progress=False)
         refinement = result.report["refinement"]
         assert refinement["steps"] == 3 and np.isfinite(refinement["initial_loss"]) and np.isfinite(refinement["final_loss"])
@@ -170,11 +171,61 @@ def test_decoder_metric_measures_what_cross_attention_reads(tiny_whisper):
 
 
 def test_default_refinement_depends_on_size():
-    from lite_whisper.compress import AUTO_REFINE_STEPS
+    from lite_whisper.compress import AUTO_REFINE_STEPS, REFINE_LRS
 
     assert CompressionSettings().validate().refine_steps == 0  # 0.8: refinement did not help real speech
     assert CompressionSettings(target_size=0.5).validate().refine_steps == AUTO_REFINE_STEPS
     assert CompressionSettings(target_size=0.5, refine_steps=7).validate().refine_steps == 7
+    # Layer-wise by default (it measured better below 0.75), end to end where layer-wise cannot run.
+    settings = CompressionSettings(target_size=0.65).validate()
+    assert (settings.refine_mode, settings.refine_lr) == ("layer", REFINE_LRS["layer"])
+    settings = CompressionSettings(target_size=0.65, mode="sequential").validate()
+    assert (settings.refine_mode, settings.refine_lr) == ("encoder", REFINE_LRS["encoder"])
+    assert CompressionSettings(refine_loss="decoder").validate().refine_mode == "encoder"
+    assert CompressionSettings(refine_mode="layer", refine_lr=3e-3).validate().refine_lr == 3e-3
+    with pytest.raises(ValueError, match="refine_mode must be one of"):
+        CompressionSettings(refine_mode="block").validate()
+    with pytest.raises(ValueError, match="needs mode='one-shot'"):
+        CompressionSettings(refine_mode="layer", mode="sequential").validate()
+    with pytest.raises(ValueError, match="needs mode='one-shot'"):
+        CompressionSettings(refine_mode="layer-sequential", refine_loss="decoder").validate()
+
+
+@pytest.mark.parametrize("mode", ["layer", "layer-sequential"])
+def test_layer_refinement_pairs_each_input_with_the_original_layers_output(tiny_whisper, mode):
+    """Exact (full-rank) factors reproduce every original layer: the layer-wise loss starts at zero only if each
+    batch's inputs meet that same batch's targets, in both modes. Then it trains the layers it is given."""
+    import copy
+
+    from lite_whisper.calibration import _embed
+    from lite_whisper.factorize import _low_rank_module, _set_projection, exact_factors
+    from lite_whisper.modeling_lite_whisper import encoder_projection
+    from lite_whisper.refine import refine_layers
+
+    model, feature_extractor = tiny_whisper
+    # Crops make every batch a different length (1, 2 and 3 s clips): a mixed-up pairing could not even subtract.
+    batches, _ = prepare_batches(_clips(6), feature_extractor, 1500, batch_size=2, crop_padding=0.5)
+    assert len({b.frames for b in batches}) == 3
+    encoder = model.model.encoder.eval()
+    with torch.no_grad():
+        stem = [_embed(encoder, b.features) for b in batches]
+    layers = [copy.deepcopy(layer) for layer in encoder.layers]
+    for (i, key), factors in exact_factors(model).items():
+        _set_projection(layers[i], key, _low_rank_module(*factors))
+    settings = CompressionSettings(refine_steps=4, refine_mode=mode, refine_batch_size=2).validate()
+    initial, final = refine_layers(encoder.layers, layers, stem, batches, settings, torch.device("cpu"), progress=False)
+    # (Sequentially, layer 1 starts from layer 0 after its steps: Adam moves even at zero gradient, a little.)
+    assert initial < 1e-5
+    # A perturbed start has a real error, and the steps lower it.
+    layers = [copy.deepcopy(layer) for layer in encoder.layers]
+    generator = torch.Generator().manual_seed(0)
+    for (i, key), (w1, w2, b) in exact_factors(model).items():
+        _set_projection(layers[i], key, _low_rank_module(w1 + 0.05 * torch.randn(w1.shape, generator=generator), w2, b))
+    before = encoder_projection(layers[0], "fc1").weight1.detach().clone()
+    settings = CompressionSettings(refine_steps=20, refine_mode=mode, refine_batch_size=2, refine_lr=1e-3).validate()
+    initial, final = refine_layers(encoder.layers, layers, stem, batches, settings, torch.device("cpu"), progress=False)
+    assert initial > 1e-4 and final < 0.7 * initial
+    assert not torch.equal(encoder_projection(layers[0], "fc1").weight1, before)
 
 
 # ------------------------------------------------------------------------------------------------------------
