@@ -209,8 +209,12 @@ def _print_conversion_summary(folder):
     print(f"wrote {folder}")
     print(f"  encoder parameters: {report['encoder_params_after']:,} of {report['encoder_params_before']:,}"
           f" ({100 * report['encoder_fraction']:.1f}%)")
+    refinement = report.get("refinement", {})
+    steps = f"{refinement.get('steps', 0)} steps"
+    if refinement.get("steps_per_layer"):
+        steps = f"{refinement['steps_per_layer']} steps per layer ({refinement['mode']})"
     print(f"  calibration: {calibration['clips']} clips ({calibration['seconds']:.0f} s),"
-          f" {len(calibration['skipped'])} skipped; refinement: {report.get('refinement', {}).get('steps', 0)} steps")
+          f" {len(calibration['skipped'])} skipped; refinement: {steps}")
     timings = {"conversion": conversion["timings_s"], "compress": report.get("timings_s", {})}
     stages = ", ".join(f"{name} {timings[where][key]:.0f} s" for name, where, key in STAGES if key in timings[where])
     print(f"  took {conversion['timings_s']['total_s']:.0f} s: {stages}")

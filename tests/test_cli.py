@@ -3,6 +3,7 @@ every option shows its default, the flags are consistent across commands, and ol
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -201,3 +202,22 @@ def test_install_hints_name_this_checkout(monkeypatch, capsys):
     monkeypatch.setattr(whisper_base, "whisper_base_path", unavailable)
     assert cli.main(["demo", "--no-progress"]) == 2
     assert f'python -m pip install -e "{REPO}[eval,whisper-base]"' in capsys.readouterr().err
+
+
+def test_conversion_summary_names_the_refinement(tmp_path, capsys):
+    from lite_whisper.cli import _print_conversion_summary
+
+    report = {"encoder_params_after": 13_000_000, "encoder_params_before": 20_000_000, "encoder_fraction": 0.65,
+              "timings_s": {"refinement_s": 1263.0},
+              "conversion": {"calibration": {"clips": 58, "seconds": 891.2, "skipped": []},
+                             "timings_s": {"total_s": 1352.0}},
+              "refinement": {"steps": 300, "mode": "layer", "steps_per_layer": 300},
+              "quality_check": {"ok": True, "clips": 6, "looping": []}}
+    (tmp_path / "compression_report.json").write_text(json.dumps(report))
+    _print_conversion_summary(tmp_path)
+    out = capsys.readouterr().out
+    assert "refinement: 300 steps per layer (layer)" in out and "refinement 1263 s" in out
+    report["refinement"] = {"steps": 0}
+    (tmp_path / "compression_report.json").write_text(json.dumps(report))
+    _print_conversion_summary(tmp_path)
+    assert "refinement: 0 steps" in capsys.readouterr().out
