@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .common import DEFAULT_TARGET_SIZE
+from .common import DEFAULT_TARGET_SIZE, describe_refinement
 from .utils import get_logger, install_command
 
 logger = get_logger(__name__)
@@ -182,8 +182,8 @@ def run_convert(args):
         args.base_model, args.output_dir, calibration=args.calibration,
         num_calibration_samples=args.num_calibration_samples, rank_threshold=args.rank_threshold,
         target_encoder_size=args.target_encoder_size, mode=args.mode, refine_steps=args.refine_steps,
-        refine_mode=args.refine_mode, dtype=args.save_dtype, overwrite=args.overwrite, push_to_hub=args.push_to_hub, private=args.private,
-        revision=args.revision, device=args.device, progress=not args.no_progress,
+        refine_mode=args.refine_mode, dtype=args.save_dtype, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
+        private=args.private, revision=args.revision, device=args.device, progress=not args.no_progress,
         base_model_name=args.base_model_name, license=args.license, processor=args.processor,
     )
     args.written.append(str(folder))
@@ -209,12 +209,8 @@ def _print_conversion_summary(folder):
     print(f"wrote {folder}")
     print(f"  encoder parameters: {report['encoder_params_after']:,} of {report['encoder_params_before']:,}"
           f" ({100 * report['encoder_fraction']:.1f}%)")
-    refinement = report.get("refinement", {})
-    steps = f"{refinement.get('steps', 0)} steps"
-    if refinement.get("steps_per_layer"):
-        steps = f"{refinement['steps_per_layer']} steps per layer ({refinement['mode']})"
     print(f"  calibration: {calibration['clips']} clips ({calibration['seconds']:.0f} s),"
-          f" {len(calibration['skipped'])} skipped; refinement: {steps}")
+          f" {len(calibration['skipped'])} skipped; refinement: {describe_refinement(report.get('refinement'))}")
     timings = {"conversion": conversion["timings_s"], "compress": report.get("timings_s", {})}
     stages = ", ".join(f"{name} {timings[where][key]:.0f} s" for name, where, key in STAGES if key in timings[where])
     print(f"  took {conversion['timings_s']['total_s']:.0f} s: {stages}")

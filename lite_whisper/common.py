@@ -14,6 +14,14 @@ PROCESSOR_FILES = (
 )
 
 
+def describe_refinement(refinement):
+    """'N steps', or 'N steps per layer (mode)' for layer-wise refinement, from a report's `refinement` entry."""
+    refinement = refinement or {}
+    if refinement.get("steps_per_layer"):
+        return f"{refinement['steps_per_layer']} steps per layer ({refinement.get('mode', 'layer')})"
+    return f"{refinement.get('steps', 0)} steps"
+
+
 class CalibrationError(ValueError):
     """The calibration audio cannot support the factorisation asked for (e.g. too few frames for a rank)."""
 
@@ -22,4 +30,4 @@ class ConversionError(ValueError):
     """A conversion request that cannot be carried out (bad option, wrong base model, no usable audio, ...)."""
 
 
-__all__ = ["ATTENTION_KEYS", "MLP_KEYS", "RANK_MULTIPLE", "DEFAULT_TARGET_SIZE", "DEFAULT_RANK_THRESHOLD", "PROCESSOR_FILES", "CalibrationError", "ConversionError"]
+__all__ = ["ATTENTION_KEYS", "MLP_KEYS", "RANK_MULTIPLE", "DEFAULT_TARGET_SIZE", "DEFAULT_RANK_THRESHOLD", "PROCESSOR_FILES", "describe_refinement", "CalibrationError", "ConversionError"]

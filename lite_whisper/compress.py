@@ -64,12 +64,12 @@ BUDGET_RULES = ("variance", "threshold")
 REFINE_PRECISIONS = ("float32", "bfloat16")
 REFINE_LOSSES = ("mse", "decoder", "standardized", "transcripts")
 REFINE_MODES = ("encoder", "layer", "layer-sequential")
-# Below this target size the default refines (AUTO_REFINE_STEPS steps per layer); at and above it, refinement did not lower
-# real-speech WER (see CompressionSettings).
+# Below this target size the default refines (AUTO_REFINE_STEPS steps per layer); at and above it, refinement did
+# not lower real-speech WER (see CompressionSettings).
 AUTO_REFINE_BELOW = 0.75
 AUTO_REFINE_STEPS = 300
 # Peak learning rates by refinement mode: layer-wise problems are small and well conditioned, and took 5x the
-# end-to-end rate best (benchmarks/results/defaults_gpu.md, plans j-l); end-to-end at 5e-4 diverged from the PCA start.
+# end-to-end rate best (benchmarks/results/defaults_gpu.md, plans j, k, m); end-to-end at 5e-4 diverged from the PCA start.
 REFINE_LRS = {"encoder": 1e-4, "layer": 5e-4, "layer-sequential": 5e-4}
 
 
@@ -97,8 +97,9 @@ class CompressionSettings:
             over all layers and projections to fit it. None chooses ranks by the thresholds (the paper's rule).
         mode: "sequential" (layer i is calibrated on the outputs of the already compressed layers 0..i-1) or
             "one-shot" (every layer on the original encoder, as in the paper).
-        refine_steps: optimisation steps of the label-free refinement; 0 disables it; None (default) chooses by size:
-            0 when `target_size` is None or at least `AUTO_REFINE_BELOW`, else `AUTO_REFINE_STEPS`.
+        refine_steps: optimisation steps of the label-free refinement (per layer in the layer-wise modes); 0
+            disables it; None (default) chooses by size: 0 when `target_size` is None or at least
+            `AUTO_REFINE_BELOW`, else `AUTO_REFINE_STEPS`.
         refine_batch_size: inputs per batch; statistics, teacher outputs and refinement steps share the batches.
         refine_lr: peak AdamW learning rate of the refinement (after a linear warm-up, then cosine decay); None:
             `REFINE_LRS[refine_mode]` (5e-4 layer-wise, 1e-4 end to end).
@@ -484,8 +485,8 @@ def compress(model, audio, feature_extractor, settings=None, device=None, progre
             module = encoder_projection(student.layers[i], key)
             factors[(i, key)] = (module.weight1.detach(), module.weight2.detach(), module.bias.detach())
         refine_report.update({"mode": "encoder", "initial_loss": initial, "final_loss": final,
-                              "batch_size": settings.refine_batch_size, "lr": settings.refine_lr, "teacher": "statistics pass" if settings.mode == "one-shot"
-                              else "separate pass"})
+                              "batch_size": settings.refine_batch_size, "lr": settings.refine_lr,
+                              "teacher": "statistics pass" if settings.mode == "one-shot" else "separate pass"})
     del teacher
 
     clock = time.perf_counter()

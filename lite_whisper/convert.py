@@ -519,8 +519,9 @@ def _settings(attention_threshold, mlp_threshold, target, mode, refine_steps, re
 def _describe(settings):
     size = (f"target encoder size {settings.target_size:g}" if settings.target_size is not None
             else f"rank threshold {settings.attention_threshold:g}:{settings.mlp_threshold:g}")
-    refinement = (f"{settings.refine_steps} {settings.refine_mode}-wise refinement steps" if settings.refine_steps
-                  and settings.refine_mode != "encoder" else f"{settings.refine_steps} refinement steps")
+    refinement = f"{settings.refine_steps} refinement steps"
+    if settings.refine_steps and settings.refine_mode != "encoder":
+        refinement = f"{settings.refine_steps} refinement steps per layer ({settings.refine_mode})"
     return f"{size}, {settings.mode} calibration, {refinement}"
 
 

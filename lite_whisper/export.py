@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .common import DEFAULT_TARGET_SIZE, PROCESSOR_FILES, ConversionError
+from .common import DEFAULT_TARGET_SIZE, PROCESSOR_FILES, ConversionError, describe_refinement
 from .utils import OUTPUT_MARKER, atomic_output_dir, get_logger
 
 logger = get_logger(__name__)
@@ -194,7 +194,6 @@ def model_card(report, repo_name=None, title=None):
         thresholds = report.get("thresholds") or {}
         how = f"explained-variance thresholds {thresholds.get('attention')}:{thresholds.get('mlp')} (attention:MLP)"
     calibration = conversion["calibration"]
-    refine = report.get("refinement") or {}
     calibration_text = calibration_description(calibration)
 
     lines = [
@@ -207,7 +206,7 @@ def model_card(report, repo_name=None, title=None):
         f"- Encoder parameters: {after:,} of {before:,} ({100 * after / before:.1f}% of the original)",
         f"- Ranks chosen with {how}, {report.get('mode', settings.get('mode'))} calibration on"
         f" {calibration['clips']} clips ({calibration['seconds']:.0f} s of audio) from {calibration_text}",
-        f"- Label-free refinement: {refine.get('steps', 0)} steps",
+        f"- Label-free refinement: {describe_refinement(report.get('refinement'))}",
         f"- Weights: {conversion['dtype']}; converted with lite-whisper {conversion['versions'].get('lite_whisper')}"
         f" and transformers {conversion['versions'].get('transformers')}", "",
         "What the numbers on this card are: parameter counts of this checkpoint and of the original encoder, and"

@@ -217,6 +217,10 @@ def test_conversion_summary_names_the_refinement(tmp_path, capsys):
     _print_conversion_summary(tmp_path)
     out = capsys.readouterr().out
     assert "refinement: 300 steps per layer (layer)" in out and "refinement 1263 s" in out
+    from lite_whisper.common import describe_refinement
+
+    assert describe_refinement({"steps": 400, "mode": "encoder", "lr": 1e-4}) == "400 steps"
+    assert describe_refinement(None) == "0 steps"
     report["refinement"] = {"steps": 0}
     (tmp_path / "compression_report.json").write_text(json.dumps(report))
     _print_conversion_summary(tmp_path)

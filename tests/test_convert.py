@@ -311,6 +311,7 @@ def test_model_card_usage_needs_no_ffmpeg_and_says_what_it_measured(converted):
     assert "bundled: bundled" not in card
     assert "calibration on 6 clips (" in card and "s of audio) from the calibration set bundled with lite-whisper" in card
     assert "What the numbers on this card are" in card and "No accuracy (WER) was measured" in card
+    assert "- Label-free refinement: 0 steps" in card  # converted with --refine-steps 0
     # the usage snippet runs as written (soundfile + pipeline, remote code), on a bundled clip
     clip = sorted(bundled_clips_dir().glob("*.flac"))[0]
     code = usage.split("```python", 1)[1].split("```", 1)[0]

@@ -119,6 +119,10 @@ def test_compress_reports_each_stage(tiny_whisper):
     calibration = result.report["calibration"]
     assert calibration["encoder_frames"] < calibration["full_window_frames"] / 5  # 1-3 s clips: crops, not 30 s
     assert result.report["target_size"] == 0.8 and abs(result.report["encoder_fraction"] - 0.8) < 0.05
+    # refine_steps given, refine_mode left alone: layer-wise, 2 steps per layer, and the loss was measured
+    refinement = result.report["refinement"]
+    assert (refinement["mode"], refinement["steps_per_layer"], refinement["lr"]) == ("layer", 2, 5e-4)
+    assert np.isfinite(refinement["initial_loss"]) and refinement["initial_loss"] > 0
 
 
 def test_refinement_losses_and_bfloat16_change_the_refinement(tiny_whisper):
