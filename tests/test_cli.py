@@ -149,9 +149,10 @@ def test_shown_compression_defaults_are_the_library_defaults():
     for name, shown in SHOWN_DEFAULTS.items():
         assert defaults[name] == shown, name
     from lite_whisper import cli
-    from lite_whisper.compress import AUTO_REFINE_BELOW, AUTO_REFINE_STEPS
+    from lite_whisper.compress import AUTO_REFINE_BELOW, AUTO_REFINE_STEPS, REFINE_MODES
 
     assert (cli.AUTO_REFINE_BELOW, cli.AUTO_REFINE_STEPS) == (AUTO_REFINE_BELOW, AUTO_REFINE_STEPS)
+    assert set(cli.REFINE_MODES) == set(REFINE_MODES)  # --refine-mode offers exactly the library's modes
     assert CompressionSettings(target_size=0.8).validate().refine_steps == 0
     assert CompressionSettings(target_size=0.65).validate().refine_steps == AUTO_REFINE_STEPS
     assert CompressionSettings(target_size=None).validate().refine_steps == 0
